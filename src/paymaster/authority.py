@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from paymaster.config import ConnectorConfig, Settings
+from paymaster import velocity
 from paymaster.core import budgets as windows
 from paymaster.core import policy as pol
 from paymaster.core import tokens
@@ -31,6 +32,7 @@ from paymaster.errors import (
     InvalidRequest,
     NotFound,
     PerCallLimitExceeded,
+    PolicyDomainBlocked,
     PriceUnknown,
     SpendDenied,
     SpendTokenAmountExceeded,
@@ -90,10 +92,15 @@ class AgentRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "id": self.id, "name": self.name, "status": self.status, "public_key": self.public_key,
-            "parent": self.parent, "metadata": dict(self.metadata),
+            "id": self.id,
+            "name": self.name,
+            "status": self.status,
+            "public_key": self.public_key,
+            "parent": self.parent,
+            "metadata": dict(self.metadata),
             "policy": dict(self.policy_json) if self.policy_json is not None else None,
-            "policy_version": self.policy_version, "created_at": self.created_at,
+            "policy_version": self.policy_version,
+            "created_at": self.created_at,
         }
 
 
@@ -129,7 +136,37 @@ class ReserveRequest:
     decision: str = "allow"
     request_sent: bool = False
     extra_response: Mapping[str, Any] = field(default_factory=dict)
-    price_check: Callable[[pol.Policy | None, Sequence[pol.Policy]], None] | None = None
+    # the gateway: the host asked for (step 4) and its own pricing step (step 7)
+    host: str | None = None
+    price: Callable[[PriceContext], Priced] | None = None
+
+
+@dataclass(frozen=True)
+class PriceContext:
+    """What a pricing step may look at: the policies up the chain (strictest wins), the
+    budget path the call will be held on, and the authority (for budget reads)."""
+
+    authority: Authority
+    agent: AgentRecord | None
+    policies: Sequence[pol.Policy]
+    path: Sequence[BudgetSpec]
+    connector: ConnectorConfig | None
+    category: str | None
+    now: datetime
+
+    def remaining(self) -> int | None:
+        """The smallest remaining amount over the enforced budgets of the path (None: none)."""
+        return self.authority.smallest_remaining(self.path)
+
+
+@dataclass(frozen=True)
+class Priced:
+    amount: int
+    quantity: str | None = None
+    unit: str | None = None
+    tier_key: str | None = None
+    decision: str = "allow"
+    extra_response: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Authority:
@@ -151,6 +188,8 @@ class Authority:
         self._agents: dict[str, AgentRecord] = {}
         self._principals: dict[str, PrincipalRecord] = {}
         self._lock = threading.Lock()
+        # event types `[alerts] events` adds to the webhook's: enqueued wherever emitted
+        self.outbox_types = ops.outbox_types(settings.alerts)
 
     @property
     def currency(self) -> str:
@@ -163,9 +202,12 @@ class Authority:
     # ------------------------------------------------------------ plumbing
 
     def _write(self, op: Callable[[Tx], T]) -> T:
-        return self.store.write(op).result()
+        return self.submit(op).result()
 
     def submit(self, op: Callable[[Tx], T]) -> Future[T]:
+        if self.outbox_types:
+            types = self.outbox_types
+            return self.store.write(lambda tx: op(ops.OutboxTx(tx, types)))
         return self.store.write(op)
 
     @staticmethod
@@ -278,12 +320,26 @@ class Authority:
         expires_at = now + timedelta(seconds=max(1, ttl))
         scope = f"{principal}:reserve"
         idem = Idem(scope, req.idempotency_key, req.body_hash) if req.idempotency_key else None
-        base = dict(
-            reservation_id=new_id("res_"), decision_id=decision_id, principal=principal, agent_id=agent_id,
-            connector=req.connector, category=req.category, currency=self.currency, expires_at=expires_at,
-            idem=idem, jti=caller.jti, session=req.session, task=req.task, input_hash=req.input_hash,
-            tier_key=req.tier_key, quantity=req.quantity, unit=req.unit, request_sent=req.request_sent,
-            metadata=req.metadata, extra_response=req.extra_response,
+        base: dict[str, Any] = dict(
+            reservation_id=new_id("res_"),
+            decision_id=decision_id,
+            principal=principal,
+            agent_id=agent_id,
+            connector=req.connector,
+            category=req.category,
+            currency=self.currency,
+            expires_at=expires_at,
+            idem=idem,
+            jti=caller.jti,
+            session=req.session,
+            task=req.task,
+            input_hash=req.input_hash,
+            tier_key=req.tier_key,
+            quantity=req.quantity,
+            unit=req.unit,
+            request_sent=req.request_sent,
+            metadata=req.metadata,
+            extra_response=req.extra_response,
         )
         amount = req.amount or 0
         versions: list[tuple[str, int]] = []
@@ -304,41 +360,94 @@ class Authority:
             policies = [p for p in ([agent.policy] if agent and agent.policy else [])]
             policies += [p.policy for p in chain if p.policy is not None]
             connector = self.settings.connector(req.connector)
-            category = req.category if req.category is not None else (connector.category if connector else None)
+            category = (
+                req.category if req.category is not None else (connector.category if connector else None)
+            )
             base["category"] = category
             if ttl <= 0 or ttl > self.settings.reservation_ttl_max:
                 raise InvalidRequest(f"ttl_seconds must be between 1 and {self.settings.reservation_ttl_max}")
+            # 4. host (gateway calls)
+            if req.host is not None and (
+                connector is None or not pol.host_allowed(policies, req.host, connector.hosts)
+            ):
+                raise PolicyDomainBlocked(
+                    f"host {req.host} is not allowed by policy or served by no connector"
+                )
             # 5. connector and category
             if not pol.connector_allowed(policies, req.connector, category):
                 raise ConnectorBlocked(f"connector {req.connector} is not allowed by policy")
             # 6. task membership
             task_chain = self._task_chain(req.task, agent_id) if req.task else []
+            path = self._budget_path(
+                agent, chain, req.connector, category, req.session, task_chain, now, principal
+            )
             # 7. price
-            amount = self._price(req, connector, now)
-            if req.price_check is not None:
-                req.price_check(agent.policy if agent else None, policies)
+            decision = req.decision
+            if req.price is not None:
+                priced = req.price(PriceContext(self, agent, policies, path, connector, category, now))
+                amount = priced.amount
+                decision = priced.decision
+                base.update(
+                    quantity=priced.quantity or req.quantity,
+                    unit=priced.unit or req.unit,
+                    tier_key=priced.tier_key or req.tier_key,
+                    extra_response={**req.extra_response, **priced.extra_response},
+                )
+            else:
+                amount = self._price(req, connector, now)
             # 8. per-call maximum and token max
             limit = pol.per_call_limit(policies, req.connector, category)
             if limit is not None and amount > limit:
                 raise PerCallLimitExceeded(
                     f"{format_nanos(amount)} is above the per-call maximum of {format_nanos(limit)}",
-                    requested=format_nanos(amount), remaining=format_nanos(limit), currency=self.currency)
+                    requested=format_nanos(amount),
+                    remaining=format_nanos(limit),
+                    currency=self.currency,
+                )
             claims = caller.claims
-            if claims is not None and claims.max_amount is not None and amount > parse_nanos(claims.max_amount):
+            if (
+                claims is not None
+                and claims.max_amount is not None
+                and amount > parse_nanos(claims.max_amount)
+            ):
                 raise SpendTokenAmountExceeded(
                     f"{format_nanos(amount)} is above the token's max of {claims.max_amount}",
-                    requested=format_nanos(amount), remaining=claims.max_amount, currency=self.currency)
-            path = self._budget_path(agent, chain, req.connector, category, req.session, task_chain, now,
-                                     principal)
+                    requested=format_nanos(amount),
+                    remaining=claims.max_amount,
+                    currency=self.currency,
+                )
         except SpendDenied as denial:
             if denial.status == 401:
                 raise
             denial.decision_id = decision_id
-            return ops.ReserveCommand(amount=amount, decision="deny", path=(), versions=tuple(versions),
-                                      denial=denial, **base)  # type: ignore[arg-type]
+            return ops.ReserveCommand(
+                amount=amount, decision="deny", path=(), versions=tuple(versions), denial=denial, **base
+            )
         loop = self._loop_guards(agent, chain, req)
-        return ops.ReserveCommand(amount=amount, decision=req.decision, path=tuple(path),
-                                  versions=tuple(versions), loop_guards=loop, **base)  # type: ignore[arg-type]
+        return ops.ReserveCommand(
+            amount=amount,
+            decision=decision,
+            path=tuple(path),
+            versions=tuple(versions),
+            loop_guards=loop,
+            **base,
+        )
+
+    def smallest_remaining(self, path: Sequence[BudgetSpec]) -> int | None:
+        """The least any enforced budget of ``path`` can still hold (a read, not a hold)."""
+        smallest: int | None = None
+        for spec in path:
+            if spec.mode == "shadow":
+                continue
+            row = self.store.read(lambda tx, b=spec.id: ops.budget_row(tx, b))  # type: ignore[misc]
+            if row is not None:
+                left = ops.remaining_of(row)
+            elif spec.limit is not None:
+                left = spec.limit
+            else:
+                continue
+            smallest = left if smallest is None else min(smallest, left)
+        return smallest
 
     def _service_may_charge(self, caller: Caller, agent: AgentRecord | None, principal: str) -> bool:
         """A service key is bound to one principal and what lies below it."""
@@ -383,16 +492,34 @@ class Authority:
         path: list[BudgetSpec] = []
         if agent is not None:
             thresholds = agent.policy.alert_thresholds if agent.policy else pol.DEFAULT_ALERT_THRESHOLDS
-            path.append(BudgetSpec(id=f"{agent.id}/total", kind="wallet", owner=agent.id, scope="all",
-                                   period="total", window="", thresholds=tuple(thresholds)))
+            path.append(
+                BudgetSpec(
+                    id=f"{agent.id}/total",
+                    kind="wallet",
+                    owner=agent.id,
+                    scope="all",
+                    period="total",
+                    window="",
+                    thresholds=tuple(thresholds),
+                )
+            )
             if agent.policy is not None:
                 path.extend(_cap_specs(agent.id, agent.policy, connector, category, session, now))
         for record in chain:
             if record.policy is not None:
                 path.extend(_cap_specs(record.name, record.policy, connector, category, session, now))
         for task_id in task_chain:
-            path.append(BudgetSpec(id=task_id, kind="task", owner=task_id, scope="all", period="total", window="",
-                                   thresholds=tuple(pol.DEFAULT_ALERT_THRESHOLDS)))
+            path.append(
+                BudgetSpec(
+                    id=task_id,
+                    kind="task",
+                    owner=task_id,
+                    scope="all",
+                    period="total",
+                    window="",
+                    thresholds=tuple(pol.DEFAULT_ALERT_THRESHOLDS),
+                )
+            )
         return path
 
     def _loop_guards(
@@ -426,9 +553,19 @@ class Authority:
     ) -> dict[str, Any]:
         self._check_settle_rights(reservation_id, caller)
         idem = Idem(f"commit:{reservation_id}", idempotency_key, body_hash(body)) if idempotency_key else None
-        cmd = ops.CommitCommand(reservation_id=reservation_id, amount=amount, estimated=estimated,
-                                quantity=quantity, unit=unit, idem=idem, jti=caller.jti, reason=reason)
-        return self._raise_or(self._write(lambda tx: ops.commit(tx, cmd, outbox=self.alerts_enabled)))
+        cmd = ops.CommitCommand(
+            reservation_id=reservation_id,
+            amount=amount,
+            estimated=estimated,
+            quantity=quantity,
+            unit=unit,
+            idem=idem,
+            jti=caller.jti,
+            reason=reason,
+        )
+        result = self._raise_or(self._write(lambda tx: ops.commit(tx, cmd, outbox=self.alerts_enabled)))
+        velocity.check_after_commit(self, caller.agent_id, reservation_id=reservation_id)
+        return result
 
     def release(self, reservation_id: str, *, caller: Caller, reason: str | None = None) -> dict[str, Any]:
         self._check_settle_rights(reservation_id, caller)
@@ -437,8 +574,9 @@ class Authority:
     def _check_settle_rights(self, reservation_id: str, caller: Caller) -> None:
         if caller.kind == "admin":
             return
-        row = self.store.read(lambda tx: tx.one("SELECT agent_id, principal FROM reservations WHERE id = ?",
-                                                (reservation_id,)))
+        row = self.store.read(
+            lambda tx: tx.one("SELECT agent_id, principal FROM reservations WHERE id = ?", (reservation_id,))
+        )
         if row is None:
             raise NotFound(f"no such reservation {reservation_id}")
         if caller.kind == "agent" and row["agent_id"] == caller.agent_id:
@@ -452,16 +590,22 @@ class Authority:
     def mark_request_sent(self, reservation_id: str) -> None:
         self._write(lambda tx: ops.mark_request_sent(tx, reservation_id))
 
-    def refund(self, ledger_entry_id: str, amount: int, reason: str, idempotency_key: str | None,
-               body: Any = None) -> dict[str, Any]:
+    def refund(
+        self, ledger_entry_id: str, amount: int, reason: str, idempotency_key: str | None, body: Any = None
+    ) -> dict[str, Any]:
         idem = Idem("admin:refund", idempotency_key, body_hash(body)) if idempotency_key else None
         return self._raise_or(self._write(lambda tx: ops.refund(tx, ledger_entry_id, amount, reason, idem)))
 
     def expire_due(self) -> int:
         now = self.clock()
-        return self._write(lambda tx: ops.sweep(tx, outbox=self.alerts_enabled,
-                                                jti_before=int(now.timestamp()) - 60,
-                                                idem_before=ops.day_ago(now)))
+        return self._write(
+            lambda tx: ops.sweep(
+                tx,
+                outbox=self.alerts_enabled,
+                jti_before=int(now.timestamp()) - 60,
+                idem_before=ops.day_ago(now),
+            )
+        )
 
     # ------------------------------------------------------------ admin
 
@@ -483,8 +627,17 @@ class Authority:
             raise InvalidRequest("metadata must be an object")
         policy_json = pol.policy_to_json(pol.parse_policy(policy)) if policy is not None else None
         agent_id = new_id("ag_")
-        self._write(lambda tx: ops.create_agent(tx, agent_id=agent_id, name=name, public_key=public_key,
-                                                parent=parent, metadata=metadata or {}, policy=policy_json))
+        self._write(
+            lambda tx: ops.create_agent(
+                tx,
+                agent_id=agent_id,
+                name=name,
+                public_key=public_key,
+                parent=parent,
+                metadata=metadata or {},
+                policy=policy_json,
+            )
+        )
         return self.get_agent(agent_id)
 
     def get_agent(self, agent_id: str) -> dict[str, Any]:
@@ -492,7 +645,9 @@ class Authority:
         return self.agent(agent_id).to_json()
 
     def list_agents(self) -> list[dict[str, Any]]:
-        ids = self.store.read(lambda tx: [r["id"] for r in tx.all("SELECT id FROM agents ORDER BY created_at")])
+        ids = self.store.read(
+            lambda tx: [r["id"] for r in tx.all("SELECT id FROM agents ORDER BY created_at")]
+        )
         return [self.get_agent(i) for i in ids]
 
     def set_agent_policy(self, agent_id: str, policy: Any) -> dict[str, Any]:
@@ -528,7 +683,9 @@ class Authority:
         parent = body.get("parent")
         if parent is not None:
             check_principal_name(parent)
-        policy_json = pol.policy_to_json(pol.parse_policy(body["policy"])) if body.get("policy") is not None else None
+        policy_json = (
+            pol.policy_to_json(pol.parse_policy(body["policy"])) if body.get("policy") is not None else None
+        )
         answer = self._write(lambda tx: ops.put_principal(tx, name, parent, "parent" in body, policy_json))
         self.invalidate(name)
         result = self._raise_or(answer)
@@ -536,9 +693,13 @@ class Authority:
         return answer.status, result
 
     def _principal_policy_json(self, name: str) -> Any:
-        row = self.store.read(lambda tx: tx.one(
-            "SELECT p.policy FROM policies p JOIN principals r ON r.name = p.owner AND r.policy_version = p.version"
-            " WHERE r.name = ?", (name,)))
+        row = self.store.read(
+            lambda tx: tx.one(
+                "SELECT p.policy FROM policies p JOIN principals r ON r.name = p.owner AND r.policy_version = p.version"
+                " WHERE r.name = ?",
+                (name,),
+            )
+        )
         return json.loads(row["policy"]) if row else None
 
     def create_task(self, body: Mapping[str, Any], caller: Caller) -> dict[str, Any]:
@@ -562,9 +723,19 @@ class Authority:
         else:
             creator = caller.kind
         task_id = new_id("task_")
-        return self._raise_or(self._write(lambda tx: ops.create_task(
-            tx, task_id=task_id, limit=limit, currency=self.currency, parent_task=parent_task, agents=agents,
-            created_by=creator)))
+        return self._raise_or(
+            self._write(
+                lambda tx: ops.create_task(
+                    tx,
+                    task_id=task_id,
+                    limit=limit,
+                    currency=self.currency,
+                    parent_task=parent_task,
+                    agents=agents,
+                    created_by=creator,
+                )
+            )
+        )
 
     # ------------------------------------------------------------ queries
 
@@ -574,7 +745,9 @@ class Authority:
             raise NotFound(f"no such reservation {reservation_id}")
         if row["status"] == "held" and str(row["expires_at"]) <= iso_time(self.clock()):
             self.expire_due()
-            row = self.store.read(lambda tx: tx.one("SELECT * FROM reservations WHERE id = ?", (reservation_id,)))
+            row = self.store.read(
+                lambda tx: tx.one("SELECT * FROM reservations WHERE id = ?", (reservation_id,))
+            )
             assert row is not None
         return reservation_json(row)
 
@@ -644,12 +817,22 @@ class Authority:
                 window = windows.window_for(cap.period, now, cap.tz)
                 bid = windows.budget_id(owner, cap.scope, cap.period, window.key)
                 row = self.store.read(lambda tx, b=bid: ops.budget_row(tx, b))  # type: ignore[misc]
-                out.append(budget_json(row) if row is not None else _cap_json(owner, cap, window, self.currency))
+                out.append(
+                    budget_json(row) if row is not None else _cap_json(owner, cap, window, self.currency)
+                )
         return {"agent": agent_id, "budgets": out}
 
-    def ledger(self, *, agent: str | None = None, connector: str | None = None, since: str | None = None,
-               until: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
-        clauses, params = [], []
+    def ledger(
+        self,
+        *,
+        agent: str | None = None,
+        connector: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        limit: int = 1000,
+    ) -> list[dict[str, Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
         for column, value in (("agent_id", agent), ("connector", connector)):
             if value is not None:
                 clauses.append(f"{column} = ?")
@@ -662,7 +845,9 @@ class Authority:
             params.append(until)
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         params.append(limit)
-        rows = self.store.read(lambda tx: tx.all(f"SELECT * FROM ledger{where} ORDER BY time, id LIMIT ?", params))
+        rows = self.store.read(
+            lambda tx: tx.all(f"SELECT * FROM ledger{where} ORDER BY time, id LIMIT ?", params)
+        )
         return [ledger_json(r) for r in rows]
 
     def events(self, after_seq: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
@@ -685,32 +870,60 @@ class Authority:
 
 
 def check_principal_name(name: Any) -> str:
-    if not isinstance(name, str) or not name or "/" in name or name.startswith("ag_") or len(name) > 200:
-        raise InvalidRequest("a principal name is a non-empty string without '/' that does not start with ag_")
+    if (
+        not isinstance(name, str)
+        or not name
+        or "/" in name
+        or name.startswith(("ag_", "task_"))
+        or len(name) > 200
+        or any(c.isspace() for c in name)
+    ):
+        raise InvalidRequest(
+            "a principal name is a non-empty string without '/' or spaces that does not start with ag_ or task_"
+        )
     return name
 
 
-def _cap_specs(owner: str, policy: pol.Policy, connector: str, category: str | None, session: str | None,
-               now: datetime) -> list[BudgetSpec]:
+def _cap_specs(
+    owner: str, policy: pol.Policy, connector: str, category: str | None, session: str | None, now: datetime
+) -> list[BudgetSpec]:
     specs = []
     for cap in pol.matching_caps(policy, connector, category, session is not None):
         window = windows.window_for(cap.period, now, cap.tz, session if cap.period == "session" else None)
-        specs.append(BudgetSpec(
-            id=windows.budget_id(owner, cap.scope, cap.period, window.key), kind="cap", owner=owner,
-            scope=cap.scope, period=cap.period, window=window.key, mode=cap.mode, limit=cap.limit, tz=cap.tz,
-            window_start=iso_time(window.start) if window.start else None,
-            window_end=iso_time(window.end) if window.end else None,
-            thresholds=tuple(policy.alert_thresholds),
-        ))
+        specs.append(
+            BudgetSpec(
+                id=windows.budget_id(owner, cap.scope, cap.period, window.key),
+                kind="cap",
+                owner=owner,
+                scope=cap.scope,
+                period=cap.period,
+                window=window.key,
+                mode=cap.mode,
+                limit=cap.limit,
+                tz=cap.tz,
+                window_start=iso_time(window.start) if window.start else None,
+                window_end=iso_time(window.end) if window.end else None,
+                thresholds=tuple(policy.alert_thresholds),
+            )
+        )
     return specs
 
 
 def _cap_json(owner: str, cap: pol.Cap, window: windows.Window, currency: str) -> dict[str, Any]:
     return {
-        "id": windows.budget_id(owner, cap.scope, cap.period, window.key), "kind": "cap", "owner": owner,
-        "scope": cap.scope, "limit": format_nanos(cap.limit), "spent": "0.00", "reserved": "0.00",
-        "remaining": format_nanos(cap.limit), "used": "0.00", "currency": currency, "period": cap.period,
-        "mode": cap.mode, "tz": cap.tz,
+        "id": windows.budget_id(owner, cap.scope, cap.period, window.key),
+        "kind": "cap",
+        "owner": owner,
+        "scope": cap.scope,
+        "limit": format_nanos(cap.limit),
+        "spent": "0.00",
+        "reserved": "0.00",
+        "remaining": format_nanos(cap.limit),
+        "used": "0.00",
+        "currency": currency,
+        "period": cap.period,
+        "mode": cap.mode,
+        "tz": cap.tz,
         "window_start": iso_time(window.start) if window.start else None,
         "window_end": iso_time(window.end) if window.end else None,
     }
@@ -719,38 +932,74 @@ def _cap_json(owner: str, cap: pol.Cap, window: windows.Window, currency: str) -
 def budget_json(row: Row) -> dict[str, Any]:
     limit, spent, reserved = int(row["limit_n"]), int(row["spent_n"]), int(row["reserved_n"])
     return {
-        "id": row["id"], "kind": row["kind"], "owner": row["owner"], "scope": row["scope"],
-        "limit": format_nanos(limit), "spent": format_nanos(spent), "reserved": format_nanos(reserved),
-        "remaining": format_nanos(limit - spent - reserved), "used": ops.used_text(row),
-        "currency": row["currency"], "period": row["period"], "mode": row["mode"], "tz": row["tz"],
-        "window_start": row["window_start"], "window_end": row["window_end"],
+        "id": row["id"],
+        "kind": row["kind"],
+        "owner": row["owner"],
+        "scope": row["scope"],
+        "limit": format_nanos(limit),
+        "spent": format_nanos(spent),
+        "reserved": format_nanos(reserved),
+        "remaining": format_nanos(limit - spent - reserved),
+        "used": ops.used_text(row),
+        "currency": row["currency"],
+        "period": row["period"],
+        "mode": row["mode"],
+        "tz": row["tz"],
+        "window_start": row["window_start"],
+        "window_end": row["window_end"],
     }
 
 
 def reservation_json(row: Row) -> dict[str, Any]:
     return {
-        "reservation_id": row["id"], "status": row["status"], "decision": row["decision"],
-        "agent_id": row["agent_id"], "principal": row["principal"], "connector": row["connector"],
-        "category": row["category"], "amount": format_nanos(int(row["amount_n"])),
+        "reservation_id": row["id"],
+        "status": row["status"],
+        "decision": row["decision"],
+        "agent_id": row["agent_id"],
+        "principal": row["principal"],
+        "connector": row["connector"],
+        "category": row["category"],
+        "amount": format_nanos(int(row["amount_n"])),
         "charged": format_nanos(int(row["charged_n"])) if row["charged_n"] is not None else None,
-        "currency": row["currency"], "estimated": bool(row["estimated"]), "overrun": bool(row["overrun"]),
-        "budgets": [b[0] for b in json.loads(row["budgets"])], "session": row["session"], "task": row["task"],
-        "input_hash": row["input_hash"], "created_at": row["created_at"], "expires_at": row["expires_at"],
-        "settled_at": row["settled_at"], "ledger_entry_id": row["ledger_entry_id"],
+        "currency": row["currency"],
+        "estimated": bool(row["estimated"]),
+        "overrun": bool(row["overrun"]),
+        "budgets": [b[0] for b in json.loads(row["budgets"])],
+        "session": row["session"],
+        "task": row["task"],
+        "input_hash": row["input_hash"],
+        "created_at": row["created_at"],
+        "expires_at": row["expires_at"],
+        "settled_at": row["settled_at"],
+        "ledger_entry_id": row["ledger_entry_id"],
         "metadata": json.loads(row["metadata"]),
     }
 
 
 def ledger_json(row: Row) -> dict[str, Any]:
     return {
-        "id": row["id"], "kind": row["kind"], "time": row["time"], "agent_id": row["agent_id"],
-        "principal": row["principal"], "connector": row["connector"], "category": row["category"],
-        "input_hash": row["input_hash"], "quantity": row["quantity"], "unit": row["unit"],
-        "unit_cost": row["unit_cost"], "total": format_nanos(int(row["total_n"])), "currency": row["currency"],
-        "reservation_id": row["reservation_id"], "refund_of": row["refund_of"],
-        "refunded": format_nanos(int(row["refunded_n"])), "task": row["task"], "session": row["session"],
-        "budgets": json.loads(row["budgets"]), "estimated": bool(row["estimated"]),
-        "overrun": bool(row["overrun"]), "reason": row["reason"],
+        "id": row["id"],
+        "kind": row["kind"],
+        "time": row["time"],
+        "agent_id": row["agent_id"],
+        "principal": row["principal"],
+        "connector": row["connector"],
+        "category": row["category"],
+        "input_hash": row["input_hash"],
+        "quantity": row["quantity"],
+        "unit": row["unit"],
+        "unit_cost": row["unit_cost"],
+        "total": format_nanos(int(row["total_n"])),
+        "currency": row["currency"],
+        "reservation_id": row["reservation_id"],
+        "refund_of": row["refund_of"],
+        "refunded": format_nanos(int(row["refunded_n"])),
+        "task": row["task"],
+        "session": row["session"],
+        "budgets": json.loads(row["budgets"]),
+        "estimated": bool(row["estimated"]),
+        "overrun": bool(row["overrun"]),
+        "reason": row["reason"],
     }
 
 
@@ -760,14 +1009,23 @@ def _load_agent(tx: Tx, agent_id: str) -> AgentRecord | None:
         return None
     policy_json = None
     if int(row["policy_version"]) > 0:
-        prow = tx.one("SELECT policy FROM policies WHERE owner = ? AND version = ?",
-                      (agent_id, int(row["policy_version"])))
+        prow = tx.one(
+            "SELECT policy FROM policies WHERE owner = ? AND version = ?",
+            (agent_id, int(row["policy_version"])),
+        )
         policy_json = json.loads(prow["policy"]) if prow else None
     return AgentRecord(
-        id=row["id"], name=row["name"], public_key=row["public_key"], status=row["status"], parent=row["parent"],
-        metadata=json.loads(row["metadata"]), policy=pol.parse_policy(policy_json) if policy_json else None,
-        policy_json=policy_json, policy_version=int(row["policy_version"]),
-        state_version=int(row["state_version"]), created_at=row["created_at"],
+        id=row["id"],
+        name=row["name"],
+        public_key=row["public_key"],
+        status=row["status"],
+        parent=row["parent"],
+        metadata=json.loads(row["metadata"]),
+        policy=pol.parse_policy(policy_json) if policy_json else None,
+        policy_json=policy_json,
+        policy_version=int(row["policy_version"]),
+        state_version=int(row["state_version"]),
+        created_at=row["created_at"],
         key=tokens.load_public_key(row["public_key"]),
     )
 
@@ -778,11 +1036,13 @@ def _load_principal(tx: Tx, name: str) -> PrincipalRecord | None:
         return None
     policy = None
     if int(row["policy_version"]) > 0:
-        prow = tx.one("SELECT policy FROM policies WHERE owner = ? AND version = ?",
-                      (name, int(row["policy_version"])))
+        prow = tx.one(
+            "SELECT policy FROM policies WHERE owner = ? AND version = ?", (name, int(row["policy_version"]))
+        )
         policy = pol.parse_policy(json.loads(prow["policy"])) if prow else None
-    return PrincipalRecord(name=name, parent=row["parent"], policy=policy,
-                           policy_version=int(row["policy_version"]))
+    return PrincipalRecord(
+        name=name, parent=row["parent"], policy=policy, policy_version=int(row["policy_version"])
+    )
 
 
 def _load_task_chain(tx: Tx, task_id: str) -> list[tuple[str, list[str]]]:

@@ -52,13 +52,23 @@ def open_store(settings: Settings, key: Ed25519PrivateKey, clock: Callable[[], d
     if url.startswith("sqlite:"):
         from paymaster.store.sqlite import SqliteStore, sqlite_path
 
-        return SqliteStore(sqlite_path(url), authority_id=settings.authority_id, signing_key=key, clock=clock,
-                           audit_sink=settings.audit_sink)
+        return SqliteStore(
+            sqlite_path(url),
+            authority_id=settings.authority_id,
+            signing_key=key,
+            clock=clock,
+            audit_sink=settings.audit_sink,
+        )
     if url.startswith(("postgresql:", "postgres:")):
         from paymaster.store.postgres import PostgresStore  # type: ignore[import-not-found,unused-ignore]
 
-        store: Store = PostgresStore(url, authority_id=settings.authority_id, signing_key=key, clock=clock,
-                                     audit_sink=settings.audit_sink)
+        store: Store = PostgresStore(
+            url,
+            authority_id=settings.authority_id,
+            signing_key=key,
+            clock=clock,
+            audit_sink=settings.audit_sink,
+        )
         return store
     raise InvalidRequest(f"unsupported database URL {url!r}: use sqlite:///PATH or postgresql://…")
 
@@ -133,8 +143,9 @@ def lookup_api_key(authority: Authority, key: str) -> tuple[str, str | None] | N
     if authority.settings.admin_key and secrets.compare_digest(key, authority.settings.admin_key):
         return "admin", None
     digest = key_hash(key)
-    row = authority.store.read(lambda tx: tx.one("SELECT kind, principal FROM api_keys WHERE key_hash = ?",
-                                                 (digest,)))
+    row = authority.store.read(
+        lambda tx: tx.one("SELECT kind, principal FROM api_keys WHERE key_hash = ?", (digest,))
+    )
     if row is None:
         return None
     return str(row["kind"]), row["principal"]

@@ -90,8 +90,10 @@ def _parse_connectors(raw: Any) -> tuple[ConnectorConfig, ...]:
         if unknown:
             raise InvalidRequest(f"connector {cid!r}: unknown fields {sorted(unknown)}")
         usage = item.get("usage")
-        if usage is not None and usage not in ("openai", "anthropic", "flat") and not str(usage).startswith(
-            "header:"
+        if (
+            usage is not None
+            and usage not in ("openai", "anthropic", "flat")
+            and not str(usage).startswith("header:")
         ):
             raise InvalidRequest(f"connector {cid!r}: usage must be openai, anthropic, header:NAME or flat")
         out.append(
@@ -131,8 +133,18 @@ def load_settings(
         config_path = "paymaster.toml"
         table = tomllib.loads(Path(config_path).read_text())
     known = {
-        "authority_id", "currency", "prices", "fx", "connectors", "alerts", "audit_sink",
-        "reservation_ttl", "reservation_ttl_max", "session_ttl", "database", "home",
+        "authority_id",
+        "currency",
+        "prices",
+        "fx",
+        "connectors",
+        "alerts",
+        "audit_sink",
+        "reservation_ttl",
+        "reservation_ttl_max",
+        "session_ttl",
+        "database",
+        "home",
     }
     unknown = set(table) - known
     if unknown:

@@ -72,11 +72,13 @@ class SpendDenied(PaymasterError):
 
 # 401: identity
 
+
 class SpendTokenMissing(SpendDenied):
     """``spend_token_missing`` (401)."""
 
     code = "spend_token_missing"
     default_status = 401
+
 
 class SpendTokenInvalid(SpendDenied):
     """``spend_token_invalid`` (401)."""
@@ -84,11 +86,13 @@ class SpendTokenInvalid(SpendDenied):
     code = "spend_token_invalid"
     default_status = 401
 
+
 class SpendTokenExpired(SpendDenied):
     """``spend_token_expired`` (401)."""
 
     code = "spend_token_expired"
     default_status = 401
+
 
 class SpendTokenReplayed(SpendDenied):
     """``spend_token_replayed`` (401)."""
@@ -96,11 +100,13 @@ class SpendTokenReplayed(SpendDenied):
     code = "spend_token_replayed"
     default_status = 401
 
+
 class AgentUnknown(SpendDenied):
     """``agent_unknown`` (401)."""
 
     code = "agent_unknown"
     default_status = 401
+
 
 class AgentRevoked(SpendDenied):
     """``agent_revoked`` (401)."""
@@ -108,13 +114,16 @@ class AgentRevoked(SpendDenied):
     code = "agent_revoked"
     default_status = 401
 
+
 class AdminKeyRequired(SpendDenied):
     """``admin_key_required`` (401)."""
 
     code = "admin_key_required"
     default_status = 401
 
+
 # 402: money
+
 
 class PolicyCapExceeded(SpendDenied):
     """``policy_cap_exceeded`` (402)."""
@@ -122,11 +131,13 @@ class PolicyCapExceeded(SpendDenied):
     code = "policy_cap_exceeded"
     default_status = 402
 
+
 class BalanceInsufficient(SpendDenied):
     """``balance_insufficient`` (402)."""
 
     code = "balance_insufficient"
     default_status = 402
+
 
 class PerCallLimitExceeded(SpendDenied):
     """``per_call_limit_exceeded`` (402)."""
@@ -134,13 +145,16 @@ class PerCallLimitExceeded(SpendDenied):
     code = "per_call_limit_exceeded"
     default_status = 402
 
+
 class SpendTokenAmountExceeded(SpendDenied):
     """``spend_token_amount_exceeded`` (402)."""
 
     code = "spend_token_amount_exceeded"
     default_status = 402
 
+
 # 403: policy
+
 
 class PolicyDomainBlocked(SpendDenied):
     """``policy_domain_blocked`` (403)."""
@@ -148,11 +162,13 @@ class PolicyDomainBlocked(SpendDenied):
     code = "policy_domain_blocked"
     default_status = 403
 
+
 class ConnectorBlocked(SpendDenied):
     """``connector_blocked`` (403)."""
 
     code = "connector_blocked"
     default_status = 403
+
 
 class AgentFrozen(SpendDenied):
     """``agent_frozen`` (403)."""
@@ -160,11 +176,13 @@ class AgentFrozen(SpendDenied):
     code = "agent_frozen"
     default_status = 403
 
+
 class TaskForbidden(SpendDenied):
     """``task_forbidden`` (403)."""
 
     code = "task_forbidden"
     default_status = 403
+
 
 class NoBudgetConfigured(SpendDenied):
     """``no_budget_configured`` (403)."""
@@ -172,7 +190,9 @@ class NoBudgetConfigured(SpendDenied):
     code = "no_budget_configured"
     default_status = 403
 
+
 # 404
+
 
 class NotFound(SpendDenied):
     """``not_found`` (404)."""
@@ -180,7 +200,9 @@ class NotFound(SpendDenied):
     code = "not_found"
     default_status = 404
 
+
 # 409: state
+
 
 class IdempotencyConflict(SpendDenied):
     """``idempotency_conflict`` (409)."""
@@ -188,11 +210,13 @@ class IdempotencyConflict(SpendDenied):
     code = "idempotency_conflict"
     default_status = 409
 
+
 class ReservationSettled(SpendDenied):
     """``reservation_settled`` (409)."""
 
     code = "reservation_settled"
     default_status = 409
+
 
 class ReservationExpired(SpendDenied):
     """``reservation_expired`` (409)."""
@@ -200,7 +224,9 @@ class ReservationExpired(SpendDenied):
     code = "reservation_expired"
     default_status = 409
 
+
 # 422: cannot price or parse
+
 
 class PriceUnknown(SpendDenied):
     """``price_unknown`` (422)."""
@@ -208,11 +234,13 @@ class PriceUnknown(SpendDenied):
     code = "price_unknown"
     default_status = 422
 
+
 class PriceStale(SpendDenied):
     """``price_stale`` (422)."""
 
     code = "price_stale"
     default_status = 422
+
 
 class FxRateUnknown(SpendDenied):
     """``fx_rate_unknown`` (422)."""
@@ -220,11 +248,13 @@ class FxRateUnknown(SpendDenied):
     code = "fx_rate_unknown"
     default_status = 422
 
+
 class InvalidAmount(SpendDenied):
     """``invalid_amount`` (422)."""
 
     code = "invalid_amount"
     default_status = 422
+
 
 class InvalidRequest(SpendDenied):
     """``invalid_request`` (422)."""
@@ -232,7 +262,9 @@ class InvalidRequest(SpendDenied):
     code = "invalid_request"
     default_status = 422
 
+
 # 429
+
 
 class LoopDetected(SpendDenied):
     """``loop_detected`` (429)."""
@@ -241,7 +273,9 @@ class LoopDetected(SpendDenied):
     default_status = 429
     retryable_default = True
 
+
 # 5xx
+
 
 class UpstreamUnavailable(SpendDenied):
     """``upstream_unavailable`` (502)."""
@@ -250,11 +284,13 @@ class UpstreamUnavailable(SpendDenied):
     default_status = 502
     retryable_default = True
 
+
 class UpstreamFailed(SpendDenied):
     """``upstream_failed`` (502)."""
 
     code = "upstream_failed"
     default_status = 502
+
 
 class AuthorityUnavailable(SpendDenied):
     """``authority_unavailable`` (503)."""

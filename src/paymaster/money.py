@@ -21,7 +21,7 @@ MAX_DECIMALS = 9
 MAX_UNITS = 1_000_000_000
 MAX_NANOS = MAX_UNITS * NANOS_PER_UNIT
 
-_DECIMAL_RE = re.compile(r"^(-)?(\d+)(?:\.(\d+))?$")
+_DECIMAL_RE = re.compile(r"^(-)?([0-9]+)(?:\.([0-9]+))?$")
 _CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
 
 
@@ -39,7 +39,7 @@ def parse_nanos(
     amounts beyond :data:`MAX_UNITS`.
     """
     if isinstance(value, bool) or not isinstance(value, str):
-        raise InvalidAmount(f"{field} must be a decimal string such as \"0.12\", not {type(value).__name__}")
+        raise InvalidAmount(f'{field} must be a decimal string such as "0.12", not {type(value).__name__}')
     text = value.strip()
     match = _DECIMAL_RE.match(text)
     if match is None or text != value:
@@ -105,7 +105,7 @@ def fraction_string(numerator: int, denominator: int, places: int = 4) -> str:
 
 def check_currency(code: Any) -> str:
     if not isinstance(code, str) or not _CURRENCY_RE.match(code):
-        raise InvalidAmount(f"currency {code!r} is not an ISO 4217 code such as \"USD\"")
+        raise InvalidAmount(f'currency {code!r} is not an ISO 4217 code such as "USD"')
     return code
 
 

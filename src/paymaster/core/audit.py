@@ -37,6 +37,7 @@ EVENT_TYPES = frozenset(
         "dev.paymaster.agent.frozen",
         "dev.paymaster.agent.unfrozen",
         "dev.paymaster.agent.revoked",
+        "dev.paymaster.agent.velocity_tripped",
         "dev.paymaster.policy.changed",
         "dev.paymaster.task.created",
         "dev.paymaster.principal.changed",
@@ -159,11 +160,21 @@ def verify_chain(
         seq = ev.get("seq")
         if seq != expected_seq:
             bad = expected_seq if isinstance(seq, int) and seq > expected_seq else seq
-            return VerifyResult(False, count, expected_seq - 1, bad if isinstance(bad, int) else expected_seq,
-                                f"sequence broken: expected {expected_seq}, found {seq}")
+            return VerifyResult(
+                False,
+                count,
+                expected_seq - 1,
+                bad if isinstance(bad, int) else expected_seq,
+                f"sequence broken: expected {expected_seq}, found {seq}",
+            )
         if ev.get("prevhash") != prev:
-            return VerifyResult(False, count, expected_seq - 1, expected_seq,
-                                "prevhash does not match the previous event (edited, dropped or reordered)")
+            return VerifyResult(
+                False,
+                count,
+                expected_seq - 1,
+                expected_seq,
+                "prevhash does not match the previous event (edited, dropped or reordered)",
+            )
         prev = event_hash(ev)
         hashes[expected_seq] = prev
         count += 1
@@ -177,18 +188,28 @@ def verify_chain(
         return VerifyResult(False, count, last_seq, head.seq, "head signature invalid")
     if head.seq != last_seq:
         bad = min(head.seq, last_seq) + 1
-        return VerifyResult(False, count, last_seq, bad,
-                            f"signed head is at seq {head.seq} but the chain ends at {last_seq}")
+        return VerifyResult(
+            False, count, last_seq, bad, f"signed head is at seq {head.seq} but the chain ends at {last_seq}"
+        )
     if last_seq and head.hash != prev:
-        return VerifyResult(False, count, last_seq, last_seq, "last event does not match the signed head (edited)")
+        return VerifyResult(
+            False, count, last_seq, last_seq, "last event does not match the signed head (edited)"
+        )
     for sink_head in sink_heads:
         if not _signature_ok(keys, head_message(sink_head.seq, sink_head.hash), sink_head.sig):
             return VerifyResult(False, count, last_seq, sink_head.seq, "exported head signature invalid")
         if sink_head.seq > last_seq:
-            return VerifyResult(False, count, last_seq, last_seq + 1,
-                                f"exported head at seq {sink_head.seq} is past the end of the chain")
+            return VerifyResult(
+                False,
+                count,
+                last_seq,
+                last_seq + 1,
+                f"exported head at seq {sink_head.seq} is past the end of the chain",
+            )
         if hashes.get(sink_head.seq) != sink_head.hash:
-            return VerifyResult(False, count, last_seq, sink_head.seq, "exported head does not match the chain")
+            return VerifyResult(
+                False, count, last_seq, sink_head.seq, "exported head does not match the chain"
+            )
     return VerifyResult(True, count, last_seq)
 
 

@@ -5,9 +5,11 @@ instant returned is in UTC.
 
 A calendar window (``hour``, ``day``, ``week``, ``month``) is named by its *local* wall
 time in the budget's time zone (UTC unless the cap names an IANA zone) and spans the UTC
-instants from its first local instant up to the next window's first local instant. So a
-local day is 23 or 25 hours long across a DST change, and a local hour that a spring-forward
-gap skips is an empty window (``start == end``).
+instants from the first moment its wall time is reached up to the first moment the next
+window's is. So windows tile time without gaps or overlaps: a local day is 23 or 25 hours
+long across a DST change, a local hour that a spring-forward gap skips is an empty window
+(``start == end``), and a wall time repeated when clocks fall back stays in the window
+already current (New York's 01:00-02:00 on 2026-11-01 is one two-hour window).
 """
 
 from __future__ import annotations
@@ -239,10 +241,17 @@ def window_for(period: str, at: datetime, tz: str | None = None, session: str | 
     try:
         local = utc.astimezone(zone).replace(tzinfo=None)
         key, start_wall, end_wall = _walls_for(period, local)
+        start, end = _bounds(start_wall, end_wall, zone)
+        while utc >= end:
+            # The second pass of a fall-back longer than the window (clocks back two
+            # hours repeat two hour keys): the repeated wall time reads an earlier key,
+            # but time has moved on. Windows start where their wall time is first
+            # reached, so the instant belongs to the latest window already begun.
+            key, start_wall, end_wall = _walls_for(period, end_wall)
+            start, end = _bounds(start_wall, end_wall, zone)
     except (OverflowError, ValueError) as exc:
         # Only at the very ends of datetime's range (year 1 or 9999).
         raise InvalidRequest("instant is outside the supported range of dates") from exc
-    start, end = _bounds(start_wall, end_wall, zone)
     return Window(key, start, end)
 
 

@@ -200,9 +200,10 @@ def _split_port(host: str) -> tuple[str, str | None]:
 def _host_pattern(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise InvalidRequest(f"{where} must be a string, not {type(value).__name__}")
+    if value == "*":
+        return value
+    # Normalized after the "*" check, so that "*." cannot become the match-all pattern.
     pattern = _normalize_host(value)
-    if pattern == "*":
-        return pattern
     body = pattern[2:] if pattern.startswith("*.") else pattern
     if "*" in body or not _valid_host(body):
         raise InvalidRequest(f'{where} {value!r} must be a host ("api.openai.com"), "*.domain" or "*"')

@@ -61,6 +61,7 @@ CLOCK_SKEW_SECONDS: Final = 5
 MAX_TOKEN_LENGTH: Final = 8192
 # The jti is stored in the replay cache, so its size is bounded like any other stored key.
 _MAX_JTI_LENGTH: Final = 256
+_MAX_NUMERIC_DATE: Final = 2**53
 
 # The same bounds as paymaster.money.parse_nanos (<= 12 whole digits, <= 9 decimals, no
 # sign): a `max` accepted here never fails to parse as money later. ASCII digits only,
@@ -69,6 +70,13 @@ _DECIMAL_RE: Final = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
 _CURRENCY_RE: Final = re.compile(r"[A-Z]{3}")
 # 32 bytes are 43 base64url characters without padding.
 _PUBLIC_KEY_RE: Final = re.compile(r"[A-Za-z0-9_-]{43}")
+# Ed25519 public keys of small order. Under such a key one signature verifies for many or
+# (the identity) all messages, so anyone could forge that agent's tokens; cryptography and
+# OpenSSL accept these keys, so they are refused here, as libsodium does. Keys are compared
+# on y mod p, sign bit ignored; the order-8 y is libsodium's (d*y^4 + 2*y^2 == 1 mod p).
+_P: Final = 2**255 - 19
+_Y_ORDER_8: Final = 2707385501144840649318225287225658788936804267575313519463743609750303402022
+_SMALL_ORDER_Y: Final = frozenset({0, 1, _P - 1, _Y_ORDER_8, _P - _Y_ORDER_8})
 _PERCENT_RE: Final = re.compile(r"%([0-9A-Fa-f]{2})")
 _UNRESERVED: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
@@ -108,6 +116,12 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+def _is_weak_key(raw: bytes) -> bool:
+    y = int.from_bytes(raw, "little") & ((1 << 255) - 1)
+    # y >= p is a non-canonical spelling of y - p: refused, so a key has one encoding.
+    return y >= _P or y in _SMALL_ORDER_Y
+
+
 def public_key_b64(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
     """The agent's public key as the protocol carries it: base64url, no padding, of the raw 32 bytes."""
     public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
@@ -118,7 +132,7 @@ def load_public_key(b64: str) -> Ed25519PublicKey:
     """Parse a public key from its protocol form, or raise ``invalid_request``.
 
     Only the canonical form is accepted (43 characters, no padding, unused bits zero), so
-    one key has exactly one spelling in the store.
+    one key has exactly one spelling in the store; small-order points are refused.
     """
     message = "public_key must be the base64url (no padding) of a raw 32-byte ed25519 public key"
     if not isinstance(b64, str) or _PUBLIC_KEY_RE.fullmatch(b64) is None:
@@ -126,6 +140,8 @@ def load_public_key(b64: str) -> Ed25519PublicKey:
     raw = base64.urlsafe_b64decode(b64 + "=")
     if _b64url(raw) != b64:
         raise InvalidRequest(message)
+    if _is_weak_key(raw):
+        raise InvalidRequest("public_key is a weak (small-order or non-canonical) ed25519 point")
     try:
         return Ed25519PublicKey.from_public_bytes(raw)
     except ValueError as exc:
@@ -143,7 +159,7 @@ def private_key_to_pem(key: Ed25519PrivateKey) -> bytes:
 
 def private_key_from_pem(pem: bytes | str) -> Ed25519PrivateKey:
     """Load an unencrypted PEM ed25519 private key; ``ValueError`` for anything else."""
-    data = pem.encode("ascii", "replace") if isinstance(pem, str) else pem
+    data = pem.encode() if isinstance(pem, str) else pem
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
@@ -310,9 +326,12 @@ def _parse_claims(payload: bytes) -> dict[str, Any]:
 
 
 def _is_numeric_date(value: Any) -> bool:
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return False
-    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+    # Within the exact range of a float, so that exp - iat cannot overflow whatever their
+    # types (an int beyond a float's range overflows even math.isfinite); NaN and infinities
+    # fail the comparison.
+    return abs(value) <= _MAX_NUMERIC_DATE
 
 
 def _claims_from(raw: dict[str, Any], kid: str) -> SpendClaims:
@@ -375,8 +394,8 @@ def verify_spend_token(
 
     1. present (``SpendTokenMissing``), ``spt_`` prefix, size, JWS structure, ``alg`` in
        {EdDSA, Ed25519}, a ``kid`` — ``SpendTokenInvalid``;
-    2. the signature, with ``public_key`` — ``SpendTokenInvalid``; nothing in the claims is
-       looked at before this, so an unsigned token learns nothing about them;
+    2. the signature, with ``public_key`` (a small-order key verifies nothing) —
+       ``SpendTokenInvalid``; no claim is looked at before this, so a forger learns nothing;
     3. required claims and their types, ``iss`` == ``kid``, ``max``/``cur``/``htu`` shape,
        a lifetime ``0 < exp - iat <= max_ttl`` — ``SpendTokenInvalid``;
     4. ``exp <= now`` — ``SpendTokenExpired``;
@@ -400,6 +419,9 @@ def verify_spend_token(
         raise TypeError("public_key must be an Ed25519PublicKey")
     compact = _compact(token)
     kid: str = _header(compact)["kid"]
+    # Again here, for a key that did not come through load_public_key.
+    if _is_weak_key(public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)):
+        raise SpendTokenInvalid("the agent's public key is a weak ed25519 point; register a new key")
     try:
         decoded = _JWS.decode_complete(compact, key=public_key, algorithms=list(ALGORITHMS))
     except PyJWTError as exc:

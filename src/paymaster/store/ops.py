@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from fractions import Fraction
 from typing import Any
 
-from paymaster.core.audit import iso_time
-from paymaster.errors import SpendDenied
+from paymaster.core.audit import EVENT_PREFIX, EVENT_TYPES, iso_time
+from paymaster.errors import InvalidRequest, SpendDenied
 from paymaster.ids import new_id
 from paymaster.money import format_nanos, parse_nanos
 from paymaster.store.base import Row, Tx
@@ -133,16 +135,28 @@ def spend_jti(tx: Tx, jti: tuple[str, int]) -> bool:
 def idem_lookup(tx: Tx, idem: Idem | None) -> Answer | None:
     if idem is None:
         return None
-    row = tx.one("SELECT body_hash, status, response FROM idempotency WHERE scope = ? AND key = ?",
-                 (idem.scope, idem.key))
+    row = tx.one(
+        "SELECT body_hash, status, response FROM idempotency WHERE scope = ? AND key = ?",
+        (idem.scope, idem.key),
+    )
     if row is None:
         return None
     if row["body_hash"] != idem.body_hash:
-        return Answer(409, {"error": {
-            "code": "idempotency_conflict",
-            "message": "this idempotency key was used with a different request body",
-            "decision_id": None, "budget_id": None, "requested": None, "remaining": None,
-            "currency": None, "retryable": False}})
+        return Answer(
+            409,
+            {
+                "error": {
+                    "code": "idempotency_conflict",
+                    "message": "this idempotency key was used with a different request body",
+                    "decision_id": None,
+                    "budget_id": None,
+                    "requested": None,
+                    "remaining": None,
+                    "currency": None,
+                    "retryable": False,
+                }
+            },
+        )
     return Answer(int(row["status"]), json.loads(row["response"]))
 
 
@@ -152,8 +166,14 @@ def idem_store(tx: Tx, idem: Idem | None, answer: Answer) -> None:
     tx.execute(
         "INSERT INTO idempotency (scope, key, body_hash, status, response, created_at) VALUES (?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (scope, key) DO NOTHING",
-        (idem.scope, idem.key, idem.body_hash, answer.status,
-         json.dumps(answer.body, separators=(",", ":")), now_text(tx)),
+        (
+            idem.scope,
+            idem.key,
+            idem.body_hash,
+            answer.status,
+            json.dumps(answer.body, separators=(",", ":")),
+            now_text(tx),
+        ),
     )
 
 
@@ -207,11 +227,19 @@ def check_thresholds(tx: Tx, budget_id: str, thresholds: Sequence[str], outbox: 
             (budget_id, threshold, now_text(tx)),
         )
         if changed == 1:
-            event = tx.emit("dev.paymaster.budget.threshold_crossed", budget_id, {
-                "budget_id": budget_id, "threshold": threshold, "used": used_text(row),
-                "limit": format_nanos(int(row["limit_n"])), "spent": format_nanos(int(row["spent_n"])),
-                "reserved": format_nanos(int(row["reserved_n"])), "currency": row["currency"],
-            })
+            event = tx.emit(
+                "dev.paymaster.budget.threshold_crossed",
+                budget_id,
+                {
+                    "budget_id": budget_id,
+                    "threshold": threshold,
+                    "used": used_text(row),
+                    "limit": format_nanos(int(row["limit_n"])),
+                    "spent": format_nanos(int(row["spent_n"])),
+                    "reserved": format_nanos(int(row["reserved_n"])),
+                    "currency": row["currency"],
+                },
+            )
             if outbox:
                 enqueue_webhook(tx, event)
         warnings = [f"low_balance; budget={budget_id}; used={used_text(row)}"]
@@ -223,6 +251,64 @@ def enqueue_webhook(tx: Tx, event: Mapping[str, Any]) -> None:
         "INSERT INTO outbox (event_id, body, next_attempt_at) VALUES (?, ?, ?)",
         (event["id"], json.dumps(event, separators=(",", ":")), now_text(tx)),
     )
+
+
+# Enqueued for the webhook where they are emitted, whenever alerts are on; the types that
+# ``[alerts] events`` names beyond these are enqueued by :class:`OutboxTx`.
+ALWAYS_ALERTED = frozenset({"dev.paymaster.budget.threshold_crossed", "dev.paymaster.agent.velocity_tripped"})
+
+
+def outbox_types(alerts: Mapping[str, Any]) -> frozenset[str]:
+    """The event types ``[alerts] events`` adds to the webhook's (none without a webhook).
+    A name may leave out the ``dev.paymaster.`` prefix; an unknown one is refused."""
+    if not alerts.get("webhook"):
+        return frozenset()
+    names = alerts.get("events", [])
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+        raise InvalidRequest("[alerts] events must be a list of event types")
+    types = {n if n.startswith(EVENT_PREFIX) else EVENT_PREFIX + n for n in names}
+    unknown = sorted(types - EVENT_TYPES)
+    if unknown:
+        raise InvalidRequest(f"[alerts] events: unknown event types {unknown}")
+    return frozenset(types - ALWAYS_ALERTED)
+
+
+class OutboxTx:
+    """A transaction whose :meth:`emit` also enqueues the events of ``types`` for the
+    webhook, in the same transaction (so an alert is sent if and only if its change commits)."""
+
+    def __init__(self, tx: Tx, types: AbstractSet[str]) -> None:
+        self._tx = tx
+        self._types = types
+
+    @property
+    def now(self) -> datetime:
+        return self._tx.now
+
+    @property
+    def dialect(self) -> str:
+        return self._tx.dialect
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self._tx.execute(sql, params)
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        return self._tx.one(sql, params)
+
+    def all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        return self._tx.all(sql, params)
+
+    def savepoint(self) -> AbstractContextManager[None]:
+        return self._tx.savepoint()
+
+    def lock_budgets(self, budget_ids: Sequence[str]) -> None:
+        self._tx.lock_budgets(budget_ids)
+
+    def emit(self, event_type: str, subject: str, data: Mapping[str, Any]) -> dict[str, Any]:
+        event = self._tx.emit(event_type, subject, data)
+        if event_type in self._types:
+            enqueue_webhook(self._tx, event)
+        return event
 
 
 def _path_json(path: Sequence[BudgetSpec]) -> str:
@@ -243,8 +329,21 @@ def _ensure_budget(tx: Tx, spec: BudgetSpec, currency: str) -> bool:
         " window_start, window_end, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (id) DO UPDATE SET limit_n = excluded.limit_n, mode = excluded.mode"
         " WHERE budgets.limit_n <> excluded.limit_n OR budgets.mode <> excluded.mode",
-        (spec.id, spec.kind, spec.owner, spec.scope, spec.period, spec.window, spec.tz, spec.mode, currency,
-         spec.limit, spec.window_start, spec.window_end, now_text(tx)),
+        (
+            spec.id,
+            spec.kind,
+            spec.owner,
+            spec.scope,
+            spec.period,
+            spec.window,
+            spec.tz,
+            spec.mode,
+            currency,
+            spec.limit,
+            spec.window_start,
+            spec.window_end,
+            now_text(tx),
+        ),
     )
     return True
 
@@ -276,8 +375,16 @@ def _agent_gate(tx: Tx, agent_id: str | None) -> Answer | None:
 
 
 def _error(status: int, code: str, message: str, **fields: Any) -> Answer:
-    body = {"code": code, "message": message, "decision_id": None, "budget_id": None, "requested": None,
-            "remaining": None, "currency": None, "retryable": False}
+    body = {
+        "code": code,
+        "message": message,
+        "decision_id": None,
+        "budget_id": None,
+        "requested": None,
+        "remaining": None,
+        "currency": None,
+        "retryable": False,
+    }
     body.update(fields)
     return Answer(status, {"error": body})
 
@@ -317,15 +424,24 @@ def _loop_guard(tx: Tx, cmd: ReserveCommand) -> Answer | None:
     """Step 9: the same call repeated past a policy's loop guard within its window."""
     for fingerprint, window_seconds, max_repeats in cmd.loop_guards:
         since = iso_time(tx.now - timedelta(seconds=window_seconds))
-        row = tx.one("SELECT COUNT(*) AS n FROM loop_calls WHERE fingerprint = ? AND at > ?", (fingerprint, since))
+        row = tx.one(
+            "SELECT COUNT(*) AS n FROM loop_calls WHERE fingerprint = ? AND at > ?", (fingerprint, since)
+        )
         if row is not None and int(row["n"]) >= max_repeats:
-            return _error(429, "loop_detected",
-                          f"the same call was made {int(row['n'])} times in {window_seconds}s (limit {max_repeats})",
-                          decision_id=cmd.decision_id, requested=format_nanos(cmd.amount), currency=cmd.currency,
-                          retryable=True)
+            return _error(
+                429,
+                "loop_detected",
+                f"the same call was made {int(row['n'])} times in {window_seconds}s (limit {max_repeats})",
+                decision_id=cmd.decision_id,
+                requested=format_nanos(cmd.amount),
+                currency=cmd.currency,
+                retryable=True,
+            )
     for fingerprint, window_seconds, _ in cmd.loop_guards:
-        tx.execute("DELETE FROM loop_calls WHERE fingerprint = ? AND at <= ?",
-                   (fingerprint, iso_time(tx.now - timedelta(seconds=window_seconds))))
+        tx.execute(
+            "DELETE FROM loop_calls WHERE fingerprint = ? AND at <= ?",
+            (fingerprint, iso_time(tx.now - timedelta(seconds=window_seconds))),
+        )
         tx.execute("INSERT INTO loop_calls (fingerprint, at) VALUES (?, ?)", (fingerprint, now_text(tx)))
     return None
 
@@ -338,10 +454,14 @@ def _hold(tx: Tx, cmd: ReserveCommand, outbox: bool) -> Answer:
         with tx.savepoint():
             present = [spec for spec in cmd.path if _ensure_budget(tx, spec, cmd.currency)]
             if not any(spec.kind != "task" for spec in present):
-                denial = _error(403, "no_budget_configured",
-                                "no wallet and no cap applies to this call: fund the agent or set a cap",
-                                decision_id=cmd.decision_id, requested=format_nanos(cmd.amount),
-                                currency=cmd.currency)
+                denial = _error(
+                    403,
+                    "no_budget_configured",
+                    "no wallet and no cap applies to this call: fund the agent or set a cap",
+                    decision_id=cmd.decision_id,
+                    requested=format_nanos(cmd.amount),
+                    currency=cmd.currency,
+                )
                 raise _Rollback
             tx.lock_budgets([spec.id for spec in present])
             for spec in present:
@@ -356,10 +476,16 @@ def _hold(tx: Tx, cmd: ReserveCommand, outbox: bool) -> Answer:
                     remaining = remaining_of(current) if current is not None else 0
                     code = "balance_insufficient" if spec.kind == "wallet" else "policy_cap_exceeded"
                     what = "the wallet" if spec.kind == "wallet" else f"budget {spec.id}"
-                    denial = _error(402, code, f"{what} cannot hold {format_nanos(cmd.amount)} {cmd.currency}",
-                                    decision_id=cmd.decision_id, budget_id=spec.id,
-                                    requested=format_nanos(cmd.amount), remaining=format_nanos(remaining),
-                                    currency=cmd.currency)
+                    denial = _error(
+                        402,
+                        code,
+                        f"{what} cannot hold {format_nanos(cmd.amount)} {cmd.currency}",
+                        decision_id=cmd.decision_id,
+                        budget_id=spec.id,
+                        requested=format_nanos(cmd.amount),
+                        remaining=format_nanos(remaining),
+                        currency=cmd.currency,
+                    )
                     raise _Rollback
                 if row["mode"] == "shadow" and remaining_of(row) < 0:
                     shadow_denials.append(spec.id)
@@ -380,17 +506,43 @@ def _hold(tx: Tx, cmd: ReserveCommand, outbox: bool) -> Answer:
         "INSERT INTO reservations (id, agent_id, principal, connector, category, status, decision, currency,"
         " amount_n, request_sent, budgets, session, task, input_hash, tier_key, quantity, unit, metadata,"
         " created_at, expires_at) VALUES (?, ?, ?, ?, ?, 'held', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (cmd.reservation_id, cmd.agent_id, cmd.principal, cmd.connector, cmd.category, cmd.decision,
-         cmd.currency, cmd.amount, int(cmd.request_sent), _path_json(path), cmd.session, cmd.task,
-         cmd.input_hash, cmd.tier_key, cmd.quantity, cmd.unit,
-         json.dumps(dict(cmd.metadata), separators=(",", ":")), now_text(tx), iso_time(cmd.expires_at)),
+        (
+            cmd.reservation_id,
+            cmd.agent_id,
+            cmd.principal,
+            cmd.connector,
+            cmd.category,
+            cmd.decision,
+            cmd.currency,
+            cmd.amount,
+            int(cmd.request_sent),
+            _path_json(path),
+            cmd.session,
+            cmd.task,
+            cmd.input_hash,
+            cmd.tier_key,
+            cmd.quantity,
+            cmd.unit,
+            json.dumps(dict(cmd.metadata), separators=(",", ":")),
+            now_text(tx),
+            iso_time(cmd.expires_at),
+        ),
     )
     data: dict[str, Any] = {
-        "decision_id": cmd.decision_id, "reservation_id": cmd.reservation_id, "decision": cmd.decision,
-        "agent_id": cmd.agent_id, "principal": cmd.principal, "connector": cmd.connector,
-        "category": cmd.category, "amount": format_nanos(cmd.amount), "currency": cmd.currency,
-        "budgets": [spec.id for spec in path], "session": cmd.session, "task": cmd.task,
-        "input_hash": cmd.input_hash, "expires_at": iso_time(cmd.expires_at),
+        "decision_id": cmd.decision_id,
+        "reservation_id": cmd.reservation_id,
+        "decision": cmd.decision,
+        "agent_id": cmd.agent_id,
+        "principal": cmd.principal,
+        "connector": cmd.connector,
+        "category": cmd.category,
+        "amount": format_nanos(cmd.amount),
+        "currency": cmd.currency,
+        "budgets": [spec.id for spec in path],
+        "session": cmd.session,
+        "task": cmd.task,
+        "input_hash": cmd.input_hash,
+        "expires_at": iso_time(cmd.expires_at),
     }
     if shadow_denials:
         data["shadow_denials"] = shadow_denials
@@ -425,13 +577,25 @@ class _Rollback(Exception):
 
 def _record_denial(tx: Tx, cmd: ReserveCommand, answer: Answer) -> None:
     err = answer.body["error"]
-    tx.emit("dev.paymaster.reservation.denied", cmd.decision_id, {
-        "decision_id": cmd.decision_id, "decision": "deny", "reason_code": err["code"],
-        "agent_id": cmd.agent_id, "principal": cmd.principal, "connector": cmd.connector,
-        "category": cmd.category, "requested": format_nanos(cmd.amount), "currency": cmd.currency,
-        "budget_id": err.get("budget_id"), "session": cmd.session, "task": cmd.task,
-        "input_hash": cmd.input_hash,
-    })
+    tx.emit(
+        "dev.paymaster.reservation.denied",
+        cmd.decision_id,
+        {
+            "decision_id": cmd.decision_id,
+            "decision": "deny",
+            "reason_code": err["code"],
+            "agent_id": cmd.agent_id,
+            "principal": cmd.principal,
+            "connector": cmd.connector,
+            "category": cmd.category,
+            "requested": format_nanos(cmd.amount),
+            "currency": cmd.currency,
+            "budget_id": err.get("budget_id"),
+            "session": cmd.session,
+            "task": cmd.task,
+            "input_hash": cmd.input_hash,
+        },
+    )
 
 
 # ---------------------------------------------------------------- settle
@@ -475,8 +639,17 @@ def commit(tx: Tx, cmd: CommitCommand, *, outbox: bool = False) -> Answer:
         answer = _settled(res)
     else:
         amount = int(res["amount_n"]) if cmd.amount is None else cmd.amount
-        answer = settle(tx, res, amount, estimated=cmd.estimated, status="committed",
-                        quantity=cmd.quantity, unit=cmd.unit, reason=cmd.reason, outbox=outbox)
+        answer = settle(
+            tx,
+            res,
+            amount,
+            estimated=cmd.estimated,
+            status="committed",
+            quantity=cmd.quantity,
+            unit=cmd.unit,
+            reason=cmd.reason,
+            outbox=outbox,
+        )
     idem_store(tx, cmd.idem, answer)
     return answer
 
@@ -499,8 +672,10 @@ def settle(
     path = _path_from_json(str(res["budgets"]))
     tx.lock_budgets([bid for bid, _ in path])
     for budget_id, _ in path:
-        tx.execute("UPDATE budgets SET reserved_n = reserved_n - ?, spent_n = spent_n + ? WHERE id = ?",
-                   (held, amount, budget_id))
+        tx.execute(
+            "UPDATE budgets SET reserved_n = reserved_n - ?, spent_n = spent_n + ? WHERE id = ?",
+            (held, amount, budget_id),
+        )
     quantity = quantity or res["quantity"] or "1"
     unit = unit or res["unit"] or "call"
     entry_id = new_id("le_")
@@ -509,9 +684,27 @@ def settle(
         "INSERT INTO ledger (id, kind, time, agent_id, principal, connector, category, input_hash, quantity, unit,"
         " unit_cost, total_n, currency, reservation_id, task, session, budgets, estimated, overrun, reason)"
         " VALUES (?, 'charge', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (entry_id, now_text(tx), res["agent_id"], res["principal"], res["connector"], res["category"],
-         res["input_hash"], quantity, unit, unit_cost, amount, res["currency"], res["id"], res["task"],
-         res["session"], json.dumps([bid for bid, _ in path]), int(estimated), int(overrun), reason),
+        (
+            entry_id,
+            now_text(tx),
+            res["agent_id"],
+            res["principal"],
+            res["connector"],
+            res["category"],
+            res["input_hash"],
+            quantity,
+            unit,
+            unit_cost,
+            amount,
+            res["currency"],
+            res["id"],
+            res["task"],
+            res["session"],
+            json.dumps([bid for bid, _ in path]),
+            int(estimated),
+            int(overrun),
+            reason,
+        ),
     )
     tx.execute(
         "UPDATE reservations SET status = ?, charged_n = ?, estimated = ?, overrun = ?, settled_at = ?,"
@@ -519,22 +712,53 @@ def settle(
         (status, amount, int(estimated), int(overrun), now_text(tx), entry_id, res["id"]),
     )
     released = max(held - amount, 0)
-    event_type = "dev.paymaster.reservation.committed" if status == "committed" else "dev.paymaster.reservation.expired"
-    tx.emit(event_type, str(res["id"]), {
-        "reservation_id": res["id"], "ledger_entry_id": entry_id, "time": now_text(tx),
-        "agent_id": res["agent_id"], "principal": res["principal"], "connector": res["connector"],
-        "category": res["category"], "input_hash": res["input_hash"], "quantity": quantity, "unit": unit,
-        "unit_cost": unit_cost, "total": format_nanos(amount), "held": format_nanos(held),
-        "released": format_nanos(released), "currency": res["currency"], "decision": res["decision"],
-        "reason_code": reason, "estimated": estimated, "overrun": overrun,
-        "budgets": [bid for bid, _ in path], "task": res["task"], "session": res["session"],
-    })
+    event_type = (
+        "dev.paymaster.reservation.committed"
+        if status == "committed"
+        else "dev.paymaster.reservation.expired"
+    )
+    tx.emit(
+        event_type,
+        str(res["id"]),
+        {
+            "reservation_id": res["id"],
+            "ledger_entry_id": entry_id,
+            "time": now_text(tx),
+            "agent_id": res["agent_id"],
+            "principal": res["principal"],
+            "connector": res["connector"],
+            "category": res["category"],
+            "input_hash": res["input_hash"],
+            "quantity": quantity,
+            "unit": unit,
+            "unit_cost": unit_cost,
+            "total": format_nanos(amount),
+            "held": format_nanos(held),
+            "released": format_nanos(released),
+            "currency": res["currency"],
+            "decision": res["decision"],
+            "reason_code": reason,
+            "estimated": estimated,
+            "overrun": overrun,
+            "budgets": [bid for bid, _ in path],
+            "task": res["task"],
+            "session": res["session"],
+        },
+    )
     for budget_id, thresholds in path:
         check_thresholds(tx, budget_id, thresholds, outbox)
-    return Answer(200, {
-        "reservation_id": res["id"], "charged": format_nanos(amount), "released": format_nanos(released),
-        "overrun": overrun, "estimated": estimated, "ledger_entry_id": entry_id, "currency": res["currency"],
-    })
+    return Answer(
+        200,
+        {
+            "reservation_id": res["id"],
+            "charged": format_nanos(amount),
+            "released": format_nanos(released),
+            "overrun": overrun,
+            "estimated": estimated,
+            "ledger_entry_id": entry_id,
+            "currency": res["currency"],
+        },
+    )
 
 
 def _unit_cost(total: int, quantity: str) -> str:
@@ -576,15 +800,30 @@ def _release_hold(tx: Tx, res: Row, status: str, reason: str | None) -> Answer:
         tx.execute("UPDATE budgets SET reserved_n = reserved_n - ? WHERE id = ?", (held, budget_id))
     if res["tier_key"]:
         # a released call gives its place in the volume-tier count back
-        tx.execute("UPDATE tier_counters SET calls = calls - 1 WHERE tier_key = ? AND calls > 0", (res["tier_key"],))
-    tx.execute("UPDATE reservations SET status = ?, charged_n = 0, settled_at = ? WHERE id = ?",
-               (status, now_text(tx), res["id"]))
-    event_type = "dev.paymaster.reservation.released" if status == "released" else "dev.paymaster.reservation.expired"
-    tx.emit(event_type, str(res["id"]), {
-        "reservation_id": res["id"], "agent_id": res["agent_id"], "principal": res["principal"],
-        "connector": res["connector"], "released": format_nanos(held), "currency": res["currency"],
-        "reason": reason, "budgets": [bid for bid, _ in path],
-    })
+        tx.execute(
+            "UPDATE tier_counters SET calls = calls - 1 WHERE tier_key = ? AND calls > 0", (res["tier_key"],)
+        )
+    tx.execute(
+        "UPDATE reservations SET status = ?, charged_n = 0, settled_at = ? WHERE id = ?",
+        (status, now_text(tx), res["id"]),
+    )
+    event_type = (
+        "dev.paymaster.reservation.released" if status == "released" else "dev.paymaster.reservation.expired"
+    )
+    tx.emit(
+        event_type,
+        str(res["id"]),
+        {
+            "reservation_id": res["id"],
+            "agent_id": res["agent_id"],
+            "principal": res["principal"],
+            "connector": res["connector"],
+            "released": format_nanos(held),
+            "currency": res["currency"],
+            "reason": reason,
+            "budgets": [bid for bid, _ in path],
+        },
+    )
     return Answer(200, {"reservation_id": res["id"], "released": format_nanos(held)})
 
 
@@ -592,7 +831,9 @@ def expire_one(tx: Tx, res: Row, *, outbox: bool = False) -> None:
     """Expire a held reservation: charge the hold, flagged ``estimated``, when the request
     reached the provider (spend is never lost); release it otherwise."""
     if int(res["request_sent"]):
-        settle(tx, res, int(res["amount_n"]), estimated=True, status="expired", reason="expired", outbox=outbox)
+        settle(
+            tx, res, int(res["amount_n"]), estimated=True, status="expired", reason="expired", outbox=outbox
+        )
     else:
         _release_hold(tx, res, "expired", "expired")
 
@@ -624,32 +865,68 @@ def refund(tx: Tx, ledger_entry_id: str, amount: int, reason: str, idem: Idem | 
     else:
         left = int(entry["total_n"]) - int(entry["refunded_n"])
         if amount <= 0 or amount > left:
-            answer = _error(422, "invalid_amount",
-                            f"a refund of {format_nanos(amount)} is more than the {format_nanos(left)} left of the charge",
-                            requested=format_nanos(amount), remaining=format_nanos(left),
-                            currency=entry["currency"])
+            answer = _error(
+                422,
+                "invalid_amount",
+                f"a refund of {format_nanos(amount)} is more than the {format_nanos(left)} left of the charge",
+                requested=format_nanos(amount),
+                remaining=format_nanos(left),
+                currency=entry["currency"],
+            )
         else:
             budget_ids = [str(b) for b in json.loads(str(entry["budgets"]))]
             tx.lock_budgets(budget_ids)
             for budget_id in budget_ids:
                 tx.execute("UPDATE budgets SET spent_n = spent_n - ? WHERE id = ?", (amount, budget_id))
-            tx.execute("UPDATE ledger SET refunded_n = refunded_n + ? WHERE id = ?", (amount, ledger_entry_id))
+            tx.execute(
+                "UPDATE ledger SET refunded_n = refunded_n + ? WHERE id = ?", (amount, ledger_entry_id)
+            )
             refund_id = new_id("rf_")
             tx.execute(
                 "INSERT INTO ledger (id, kind, time, agent_id, principal, connector, category, input_hash, quantity,"
                 " unit, unit_cost, total_n, currency, reservation_id, refund_of, task, session, budgets, reason)"
                 " VALUES (?, 'refund', ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (refund_id, now_text(tx), entry["agent_id"], entry["principal"], entry["connector"],
-                 entry["category"], entry["input_hash"], -amount, entry["currency"], entry["reservation_id"],
-                 ledger_entry_id, entry["task"], entry["session"], entry["budgets"], reason),
+                (
+                    refund_id,
+                    now_text(tx),
+                    entry["agent_id"],
+                    entry["principal"],
+                    entry["connector"],
+                    entry["category"],
+                    entry["input_hash"],
+                    -amount,
+                    entry["currency"],
+                    entry["reservation_id"],
+                    ledger_entry_id,
+                    entry["task"],
+                    entry["session"],
+                    entry["budgets"],
+                    reason,
+                ),
             )
-            tx.emit("dev.paymaster.refund.created", refund_id, {
-                "refund_id": refund_id, "ledger_entry_id": ledger_entry_id, "amount": format_nanos(amount),
-                "currency": entry["currency"], "reason": reason, "agent_id": entry["agent_id"],
-                "connector": entry["connector"], "budgets": budget_ids,
-            })
-            answer = Answer(201, {"refund_id": refund_id, "amount": format_nanos(amount),
-                                  "ledger_entry_id": ledger_entry_id, "currency": entry["currency"]})
+            tx.emit(
+                "dev.paymaster.refund.created",
+                refund_id,
+                {
+                    "refund_id": refund_id,
+                    "ledger_entry_id": ledger_entry_id,
+                    "amount": format_nanos(amount),
+                    "currency": entry["currency"],
+                    "reason": reason,
+                    "agent_id": entry["agent_id"],
+                    "connector": entry["connector"],
+                    "budgets": budget_ids,
+                },
+            )
+            answer = Answer(
+                201,
+                {
+                    "refund_id": refund_id,
+                    "amount": format_nanos(amount),
+                    "ledger_entry_id": ledger_entry_id,
+                    "currency": entry["currency"],
+                },
+            )
     if idem is not None and answer.status != 404:
         idem_store(tx, idem, answer)
     return answer
@@ -673,10 +950,17 @@ def fund(tx: Tx, agent_id: str, amount: int, currency: str, idem: Idem | None = 
     )
     row = budget_row(tx, wallet_id)
     assert row is not None
-    tx.emit("dev.paymaster.budget.funded", wallet_id, {
-        "budget_id": wallet_id, "agent_id": agent_id, "amount": format_nanos(amount), "currency": currency,
-        "limit": format_nanos(int(row["limit_n"])),
-    })
+    tx.emit(
+        "dev.paymaster.budget.funded",
+        wallet_id,
+        {
+            "budget_id": wallet_id,
+            "agent_id": agent_id,
+            "amount": format_nanos(amount),
+            "currency": currency,
+            "limit": format_nanos(int(row["limit_n"])),
+        },
+    )
     answer = Answer(200, {"budget_id": wallet_id})
     idem_store(tx, idem, answer)
     return answer
@@ -686,7 +970,13 @@ def fund(tx: Tx, agent_id: str, amount: int, currency: str, idem: Idem | None = 
 
 
 def create_agent(
-    tx: Tx, *, agent_id: str, name: str, public_key: str, parent: str | None, metadata: Mapping[str, Any],
+    tx: Tx,
+    *,
+    agent_id: str,
+    name: str,
+    public_key: str,
+    parent: str | None,
+    metadata: Mapping[str, Any],
     policy: Mapping[str, Any] | None,
 ) -> None:
     if parent is not None:
@@ -696,10 +986,17 @@ def create_agent(
         " VALUES (?, ?, ?, 'active', ?, ?, 0, ?)",
         (agent_id, name, public_key, parent, json.dumps(dict(metadata), separators=(",", ":")), now_text(tx)),
     )
-    tx.emit("dev.paymaster.agent.created", agent_id, {
-        "agent_id": agent_id, "name": name, "public_key": public_key, "parent": parent,
-        "metadata": dict(metadata),
-    })
+    tx.emit(
+        "dev.paymaster.agent.created",
+        agent_id,
+        {
+            "agent_id": agent_id,
+            "name": name,
+            "public_key": public_key,
+            "parent": parent,
+            "metadata": dict(metadata),
+        },
+    )
     if policy is not None:
         set_policy(tx, agent_id, policy)
 
@@ -723,11 +1020,15 @@ def set_policy(tx: Tx, owner: str, policy: Mapping[str, Any]) -> int:
     if row is None:
         raise LookupError(owner)
     version = int(row["policy_version"]) + 1
-    tx.execute("INSERT INTO policies (owner, version, policy, created_at) VALUES (?, ?, ?, ?)",
-               (owner, version, json.dumps(dict(policy), separators=(",", ":")), now_text(tx)))
+    tx.execute(
+        "INSERT INTO policies (owner, version, policy, created_at) VALUES (?, ?, ?, ?)",
+        (owner, version, json.dumps(dict(policy), separators=(",", ":")), now_text(tx)),
+    )
     if owner.startswith("ag_"):
-        tx.execute("UPDATE agents SET policy_version = ?, state_version = state_version + 1 WHERE id = ?",
-                   (version, owner))
+        tx.execute(
+            "UPDATE agents SET policy_version = ?, state_version = state_version + 1 WHERE id = ?",
+            (version, owner),
+        )
     else:
         tx.execute("UPDATE principals SET policy_version = ? WHERE name = ?", (version, owner))
     for cap in policy.get("caps", []):
@@ -737,7 +1038,9 @@ def set_policy(tx: Tx, owner: str, policy: Mapping[str, Any]) -> int:
             " AND (window_end IS NULL OR window_end > ?)",
             (parse_nanos(cap["limit"]), cap.get("mode", "enforce"), owner, scope, period, now_text(tx)),
         )
-    tx.emit("dev.paymaster.policy.changed", owner, {"owner": owner, "version": version, "policy": dict(policy)})
+    tx.emit(
+        "dev.paymaster.policy.changed", owner, {"owner": owner, "version": version, "policy": dict(policy)}
+    )
     return version
 
 
@@ -749,16 +1052,21 @@ def set_agent_status(tx: Tx, agent_id: str, status: str) -> Answer:
     if current == "revoked" and status != "revoked":
         return _error(409, "agent_revoked", f"agent {agent_id} is revoked; revoke is final")
     if current != status:
-        tx.execute("UPDATE agents SET status = ?, state_version = state_version + 1 WHERE id = ?",
-                   (status, agent_id))
-        event = {"active": "dev.paymaster.agent.unfrozen", "frozen": "dev.paymaster.agent.frozen",
-                 "revoked": "dev.paymaster.agent.revoked"}[status]
+        tx.execute(
+            "UPDATE agents SET status = ?, state_version = state_version + 1 WHERE id = ?", (status, agent_id)
+        )
+        event = {
+            "active": "dev.paymaster.agent.unfrozen",
+            "frozen": "dev.paymaster.agent.frozen",
+            "revoked": "dev.paymaster.agent.revoked",
+        }[status]
         tx.emit(event, agent_id, {"agent_id": agent_id, "from": current, "to": status})
     return Answer(200, {"id": agent_id, "status": status})
 
 
-def put_principal(tx: Tx, name: str, parent: str | None, parent_given: bool,
-                  policy: Mapping[str, Any] | None) -> Answer:
+def put_principal(
+    tx: Tx, name: str, parent: str | None, parent_given: bool, policy: Mapping[str, Any] | None
+) -> Answer:
     created = ensure_principal(tx, name)
     if parent_given:
         if parent is not None:
@@ -775,34 +1083,66 @@ def put_principal(tx: Tx, name: str, parent: str | None, parent_given: bool,
         tx.execute("UPDATE principals SET parent = ? WHERE name = ?", (parent, name))
     if policy is not None:
         set_policy(tx, name, policy)
-    tx.emit("dev.paymaster.principal.changed", name, {"principal": name, "parent": parent,
-                                                      "created": created})
+    tx.emit(
+        "dev.paymaster.principal.changed", name, {"principal": name, "parent": parent, "created": created}
+    )
     row = tx.one("SELECT * FROM principals WHERE name = ?", (name,))
     assert row is not None
-    return Answer(201 if created else 200, {"principal": name, "parent": row["parent"],
-                                            "policy_version": int(row["policy_version"])})
+    return Answer(
+        201 if created else 200,
+        {"principal": name, "parent": row["parent"], "policy_version": int(row["policy_version"])},
+    )
 
 
-def create_task(tx: Tx, *, task_id: str, limit: int, currency: str, parent_task: str | None,
-                agents: Sequence[str], created_by: str) -> Answer:
+def create_task(
+    tx: Tx,
+    *,
+    task_id: str,
+    limit: int,
+    currency: str,
+    parent_task: str | None,
+    agents: Sequence[str],
+    created_by: str,
+) -> Answer:
     if parent_task is not None and tx.one("SELECT 1 AS x FROM tasks WHERE id = ?", (parent_task,)) is None:
         return _not_found("parent task")
-    tx.execute("INSERT INTO tasks (id, parent_task, agents, created_by, created_at) VALUES (?, ?, ?, ?, ?)",
-               (task_id, parent_task, json.dumps(list(agents)), created_by, now_text(tx)))
+    tx.execute(
+        "INSERT INTO tasks (id, parent_task, agents, created_by, created_at) VALUES (?, ?, ?, ?, ?)",
+        (task_id, parent_task, json.dumps(list(agents)), created_by, now_text(tx)),
+    )
     tx.execute(
         "INSERT INTO budgets (id, kind, owner, scope, period, window, mode, currency, limit_n, created_at)"
         " VALUES (?, 'task', ?, 'all', 'total', '', 'enforce', ?, ?, ?)",
         (task_id, task_id, currency, limit, now_text(tx)),
     )
-    tx.emit("dev.paymaster.task.created", task_id, {
-        "task_id": task_id, "limit": format_nanos(limit), "currency": currency, "parent_task": parent_task,
-        "agents": list(agents), "created_by": created_by,
-    })
-    return Answer(201, {"task_id": task_id, "budget_id": task_id, "limit": format_nanos(limit),
-                        "currency": currency, "parent_task": parent_task, "agents": list(agents)})
+    tx.emit(
+        "dev.paymaster.task.created",
+        task_id,
+        {
+            "task_id": task_id,
+            "limit": format_nanos(limit),
+            "currency": currency,
+            "parent_task": parent_task,
+            "agents": list(agents),
+            "created_by": created_by,
+        },
+    )
+    return Answer(
+        201,
+        {
+            "task_id": task_id,
+            "budget_id": task_id,
+            "limit": format_nanos(limit),
+            "currency": currency,
+            "parent_task": parent_task,
+            "agents": list(agents),
+        },
+    )
 
 
-def sweep(tx: Tx, *, outbox: bool = False, jti_before: int | None = None, idem_before: str | None = None) -> int:
+def sweep(
+    tx: Tx, *, outbox: bool = False, jti_before: int | None = None, idem_before: str | None = None
+) -> int:
     """Housekeeping: expire due holds, forget spent token ids past their expiry and
     idempotency records past their 24 h."""
     count = expire_due(tx, outbox=outbox)
@@ -835,5 +1175,7 @@ def meta_get(tx: Tx, key: str) -> str | None:
 
 
 def meta_set_once(tx: Tx, key: str, value: str) -> bool:
-    changed = tx.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING", (key, value))
+    changed = tx.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING", (key, value)
+    )
     return changed == 1

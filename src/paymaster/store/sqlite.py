@@ -37,7 +37,9 @@ def utcnow() -> datetime:
 
 
 def _connect(path: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(
+        path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+    )
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
@@ -153,7 +155,9 @@ class SqliteStore:
         conn = self._writer
         try:
             conn.execute("BEGIN IMMEDIATE")
-            has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
+            has_meta = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
+            ).fetchone()
             current = 0
             if has_meta:
                 row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -261,14 +265,27 @@ class SqliteStore:
     ) -> dict[str, Any]:
         seq = self._seq + 1
         event = build_event(
-            authority_id=self.authority_id, event_id=new_id("ev_"), event_type=event_type, subject=subject,
-            data=data, at=at, seq=seq, prevhash=self._hash,
+            authority_id=self.authority_id,
+            event_id=new_id("ev_"),
+            event_type=event_type,
+            subject=subject,
+            data=data,
+            at=at,
+            seq=seq,
+            prevhash=self._hash,
         )
         digest = event_hash(event)
         conn.execute(
             "INSERT INTO events (seq, id, type, time, subject, hash, event) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (seq, event["id"], event_type, event["time"], subject, digest,
-             json.dumps(event, separators=(",", ":"))),
+            (
+                seq,
+                event["id"],
+                event_type,
+                event["time"],
+                subject,
+                digest,
+                json.dumps(event, separators=(",", ":")),
+            ),
         )
         self._seq, self._hash, self._dirty = seq, digest, True
         return event

@@ -1,0 +1,1 @@
+"""The commands of ``paymaster``, one module per area; ``cli.main`` assembles them."""
