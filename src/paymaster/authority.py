@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -19,12 +19,12 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from paymaster.config import ConnectorConfig, Settings
 from paymaster import velocity
+from paymaster.config import ConnectorConfig, Settings
 from paymaster.core import budgets as windows
 from paymaster.core import policy as pol
 from paymaster.core import tokens
-from paymaster.core.audit import Head, VerifyResult, iso_time, verify_chain
+from paymaster.core.audit import MAIN_CHAIN, Head, VerifyResult, iso_time, verify_chains
 from paymaster.errors import (
     AgentRevoked,
     AgentUnknown,
@@ -188,6 +188,11 @@ class Authority:
         self._agents: dict[str, AgentRecord] = {}
         self._principals: dict[str, PrincipalRecord] = {}
         self._lock = threading.Lock()
+        # a store shared by several replicas tells each of them when an agent, principal or
+        # policy changed anywhere, so their caches drop the record at once
+        on_invalidate = getattr(store, "on_invalidate", None)
+        if callable(on_invalidate):
+            on_invalidate(self.invalidate)
         # event types `[alerts] events` adds to the webhook's: enqueued wherever emitted
         self.outbox_types = ops.outbox_types(settings.alerts)
 
@@ -564,7 +569,9 @@ class Authority:
             reason=reason,
         )
         result = self._raise_or(self._write(lambda tx: ops.commit(tx, cmd, outbox=self.alerts_enabled)))
-        velocity.check_after_commit(self, caller.agent_id, reservation_id=reservation_id)
+        agent_id = result.get("agent_id") or caller.agent_id
+        if agent_id:
+            velocity.check_after_commit(self, agent_id, reservation_id=reservation_id)
         return result
 
     def release(self, reservation_id: str, *, caller: Caller, reason: str | None = None) -> dict[str, Any]:
@@ -854,16 +861,38 @@ class Authority:
         return list(self.store.events(after_seq, limit))
 
     def verify_audit(self, against: str | None = None) -> VerifyResult:
-        head_row = self.store.read(lambda tx: tx.one("SELECT seq, hash, sig FROM audit_head WHERE id = 1"))
-        head = Head(int(head_row["seq"]), str(head_row["hash"]), str(head_row["sig"])) if head_row else None
+        """Verify each audit chain against its own signed head (one chain on SQLite, one per
+        writer on PostgreSQL), and against the heads exported to ``against`` when given."""
+        heads = self.store.chain_heads()
         sink_heads: list[Head] = []
         if against is not None:
             with open(against, encoding="utf-8") as fh:
                 for line in fh:
                     if line.strip():
                         obj = json.loads(line)
-                        sink_heads.append(Head(int(obj["seq"]), str(obj["hash"]), str(obj["sig"])))
-        return verify_chain(self.store.events(), head, [self.public_key], sink_heads=sink_heads)
+                        sink_heads.append(
+                            Head(
+                                int(obj["seq"]),
+                                str(obj["hash"]),
+                                str(obj["sig"]),
+                                str(obj.get("chain", MAIN_CHAIN)),
+                            )
+                        )
+        snapshot = getattr(self.store, "audit_snapshot", None)
+        if callable(snapshot):
+            # heads, events and their count as of one instant: no false alarm beside live writes
+            snap_chains, snap_total = snapshot()
+            return verify_chains(snap_chains, [self.public_key], sink_heads=sink_heads, total_events=snap_total)
+        chains: list[tuple[str, Head | None, Iterator[dict[str, Any]]]] = [
+            (h.chain, h, self.store.events(chain=h.chain)) for h in heads
+        ] or [(MAIN_CHAIN, None, self.store.events(chain=MAIN_CHAIN))]
+        total = self.store.read(lambda tx: tx.one("SELECT COUNT(*) AS n FROM events"))
+        return verify_chains(
+            chains,
+            [self.public_key],
+            sink_heads=sink_heads,
+            total_events=int(total["n"]) if total is not None else None,
+        )
 
 
 # ---------------------------------------------------------------- helpers

@@ -131,7 +131,10 @@ def load_settings(
             raise InvalidRequest(f"config file {config_path}: {exc}") from exc
     elif Path("paymaster.toml").exists():
         config_path = "paymaster.toml"
-        table = tomllib.loads(Path(config_path).read_text())
+        try:
+            table = tomllib.loads(Path(config_path).read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidRequest(f"config file {config_path}: {exc}") from exc
     known = {
         "authority_id",
         "currency",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import queue
 import secrets
 import threading
 import time
@@ -122,6 +123,68 @@ def drop_pg_database(name: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+class PgDatabases:
+    """Fresh databases without the wait: one background thread keeps a few created ahead,
+    another drops the used ones, so a test pays neither CREATE nor DROP DATABASE."""
+
+    AHEAD = 3
+
+    def __init__(self) -> None:
+        self._ready: queue.Queue[tuple[str, str]] = queue.Queue()
+        self._wanted = threading.Semaphore(self.AHEAD)
+        self._drops: queue.Queue[str | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._create, name="pm-test-create", daemon=True),
+                         threading.Thread(target=self._drop, name="pm-test-drop", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _create(self) -> None:
+        while True:
+            self._wanted.acquire()
+            if self._stop.is_set():
+                return
+            try:
+                self._ready.put(create_pg_database())
+            except Exception:
+                self._wanted.release()  # take() creates its own when none is ready
+                time.sleep(1)
+
+    def _drop(self) -> None:
+        while (name := self._drops.get()) is not None:
+            try:
+                drop_pg_database(name)
+            except Exception:
+                pass  # a stray pm_test_ database; nothing depends on it
+
+    def take(self) -> tuple[str, str]:
+        try:
+            database = self._ready.get(timeout=20)
+        except queue.Empty:
+            return create_pg_database()
+        self._wanted.release()
+        return database
+
+    def give_back(self, name: str) -> None:
+        self._drops.put(name)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wanted.release()
+        self._drops.put(None)
+        for t in self._threads:
+            t.join(timeout=120)
+        while not self._ready.empty():
+            drop_pg_database(self._ready.get()[0])
+
+
+@pytest.fixture(scope="session")
+def pg_databases() -> Iterator[PgDatabases]:
+    pool = PgDatabases()
+    yield pool
+    pool.close()
+
+
 @dataclass
 class Backend:
     """One database backend for one test: ``url`` is its database; ``new_url()`` makes
@@ -129,21 +192,22 @@ class Backend:
 
     name: str
     tmp: Path
+    pool: PgDatabases | None = None
     _databases: list[str] = field(default_factory=list)
     _count: int = 0
     url: str = ""
 
     def new_url(self) -> str:
         self._count += 1
-        if self.name == "sqlite":
+        if self.pool is None:
             return f"sqlite:///{self.tmp / f'pm-{self._count}.db'}"
-        db_name, url = create_pg_database()
+        db_name, url = self.pool.take()
         self._databases.append(db_name)
         return url
 
     def cleanup(self) -> None:
-        while self._databases:
-            drop_pg_database(self._databases.pop())
+        while self._databases and self.pool is not None:
+            self.pool.give_back(self._databases.pop())
 
 
 BACKENDS = [
@@ -155,10 +219,12 @@ BACKENDS = [
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     name: str = request.param
+    pool = None
     if name == "postgresql":
         require_postgres()
+        pool = request.getfixturevalue("pg_databases")
     (tmp_path / "db").mkdir()
-    be = Backend(name, tmp_path / "db")
+    be = Backend(name, tmp_path / "db", pool)
     be.url = be.new_url()
     try:
         yield be

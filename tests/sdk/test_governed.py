@@ -8,6 +8,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -56,7 +57,7 @@ class Recorder:
         return httpx.Response(200, json={"ok": True})
 
 
-def governed(key: paymaster.AgentKey, recorder: Recorder, **kwargs: object) -> httpx.Client:
+def governed(key: paymaster.AgentKey, recorder: Recorder, **kwargs: Any) -> httpx.Client:
     return paymaster.governed_httpx_client(
         GATEWAY, agent_id=AGENT, key=key, transport=httpx.MockTransport(recorder), **kwargs
     )
@@ -94,7 +95,9 @@ def test_rewrites_to_the_gateway_and_binds_the_token_to_the_original_request(key
     assert claims.htu == "https://api.openai.com/v1/chat/completions"  # the query stays out of the token
     assert claims.exp - claims.iat == 60
     assert claims.max_amount is None
-    check_request_binding(claims, method="POST", url="https://api.openai.com/v1/chat/completions?api-version=2")
+    check_request_binding(
+        claims, method="POST", url="https://api.openai.com/v1/chat/completions?api-version=2"
+    )
     with pytest.raises(paymaster.SpendTokenInvalid):
         check_request_binding(claims, method="GET", url="https://api.openai.com/v1/chat/completions")
     with pytest.raises(paymaster.SpendTokenInvalid):
@@ -197,7 +200,9 @@ def test_streams_pass_through_unread(key: paymaster.AgentKey) -> None:
     stream = TrackedStream()
     recorder = Recorder(httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=stream))
     with governed(key, recorder) as http:
-        with http.stream("POST", "https://api.openai.com/v1/chat/completions", json={"stream": True}) as response:
+        with http.stream(
+            "POST", "https://api.openai.com/v1/chat/completions", json={"stream": True}
+        ) as response:
             assert response.status_code == 200
             assert stream.chunks_read == 0  # nothing was read on the way through
             lines = [line for line in response.iter_lines() if line]
@@ -208,7 +213,7 @@ def test_streams_pass_through_unread(key: paymaster.AgentKey) -> None:
 def test_arguments_that_would_bypass_the_gateway_are_refused(key: paymaster.AgentKey) -> None:
     for kwargs in ({"proxy": "http://proxy.test:3128"}, {"mounts": {"all://": httpx.HTTPTransport()}}):
         with pytest.raises(TypeError, match="around the gateway"):
-            paymaster.governed_httpx_client(GATEWAY, agent_id=AGENT, key=key, **kwargs)  # type: ignore[arg-type]
+            paymaster.governed_httpx_client(GATEWAY, agent_id=AGENT, key=key, **kwargs)
     with pytest.raises(ValueError, match="gateway_url"):
         paymaster.governed_httpx_client("gateway.test", agent_id=AGENT, key=key)
     with pytest.raises(ValueError, match="ttl"):
@@ -267,7 +272,10 @@ def test_async_client_rewrites_signs_and_passes_denials_and_streams(key: paymast
             assert (denied.status_code, denied.json()) == (402, DENIAL)
             async with http.stream("POST", "https://api.openai.com/v1/stream") as streamed:
                 assert stream.chunks_read == 0
-                assert [chunk async for chunk in streamed.aiter_bytes()] == [b"data: one\n\n", b"data: two\n\n"]
+                assert [chunk async for chunk in streamed.aiter_bytes()] == [
+                    b"data: one\n\n",
+                    b"data: two\n\n",
+                ]
 
     asyncio.run(main())
     assert [r.url.path for r in sent] == [

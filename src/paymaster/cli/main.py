@@ -93,6 +93,8 @@ app = typer.Typer(
     " `serve` runs the API and the gateway.",
     no_args_is_help=True,
     add_completion=False,
+    # Markdown: docstring paragraphs are reflowed to the terminal instead of keeping their line breaks.
+    rich_markup_mode="markdown",
     # Plain tracebacks for bugs: pretty ones would print local variables, keys included.
     pretty_exceptions_enable=False,
 )

@@ -17,11 +17,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-BAR_WIDTH = 20
+BAR_WIDTH = 10
+# Terminal width from which the ledger table has room for whole entry ids.
+WIDE = 100
 # Colours follow the default alert thresholds of a policy (0.5, 0.75, 0.9).
 _BANDS: tuple[tuple[Decimal, str], ...] = (
     (Decimal("0.5"), "green"),
@@ -34,6 +37,16 @@ _STATUS_STYLES = {"active": "green", "frozen": "yellow", "revoked": "red"}
 
 def _out() -> Console:
     return Console(file=sys.stdout, highlight=False)
+
+
+def _line(text: Text, console: Console | None = None) -> None:
+    # One message, one line: never broken at the terminal's width (a terminal wraps it anyway).
+    (console or _out()).print(text, soft_wrap=True)
+
+
+def _table(title: Text | str | None = None) -> Table:
+    # No vertical rules: an 80-column terminal keeps room for the data.
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
 
 
 def _err() -> Console:
@@ -71,13 +84,16 @@ def warn(message: str) -> None:
 # ---------------------------------------------------------------- helpers
 
 
-def _grid(rows: Iterable[tuple[str, Any]], label_width: int | None = None) -> Table:
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold", no_wrap=True, min_width=label_width)
-    grid.add_column(overflow="fold")
+def _fields(rows: Iterable[tuple[str, Any]], width: int | None = None) -> None:
+    """``label  value`` lines, labels aligned. Lines, not a table: a path, an id or a key
+    is never folded, so it can be copied from the terminal whole."""
+    rows = list(rows)
+    width = width or max(len(label) for label, _ in rows) + 2
+    console = _out()
     for label, value in rows:
-        grid.add_row(label, value if isinstance(value, Text) else _text(value))
-    return grid
+        line = Text(label.ljust(width), style="bold")
+        line.append(value if isinstance(value, Text) else _text(value))
+        _line(line, console)
 
 
 def _fraction(used: Any) -> Decimal:
@@ -128,57 +144,43 @@ def _agent_label(agent: Mapping[str, Any]) -> str:
 
 
 def init_done(info: Mapping[str, Any]) -> None:
-    console = _out()
     key_note = "created, mode 0600" if info["signing_key_created"] else "kept"
-    console.print(
-        _grid(
-            [
-                ("database", info["db"]),
-                ("authority key", f"{info['signing_key_path']} ({key_note})"),
-            ]
-        )
-    )
-    source = info["admin_key_source"]
+    rows: list[tuple[str, Any]] = [
+        ("database", info["db"]),
+        ("authority key", f"{info['signing_key_path']} ({key_note})"),
+    ]
     if info.get("admin_key"):
-        console.print(Text("admin key      ", style="bold"), end="")
-        # soft_wrap: the key is printed whole on one line, whatever the terminal's width.
-        console.print(Text(str(info["admin_key"]), style="bold green"), soft_wrap=True)
-        console.print(
-            Text(
-                " " * 15 + "shown once: store it now (export PAYMASTER_ADMIN_KEY=…); only its hash is kept",
-                style="yellow",
-            ),
-            soft_wrap=True,
-        )
-    elif source == "environment":
-        console.print(_grid([("admin key", "from PAYMASTER_ADMIN_KEY (its hash is stored; not printed)")], 13))
+        rows.append(("admin key", Text(str(info["admin_key"]), style="bold green")))
+        note = "shown once: store it now (export PAYMASTER_ADMIN_KEY=…); only its hash is kept"
+        rows.append(("", Text(note, style="yellow")))
+    elif info["admin_key_source"] == "environment":
+        rows.append(("admin key", "from PAYMASTER_ADMIN_KEY (its hash is stored; not printed)"))
     else:
-        console.print(_grid([("admin key", "made by an earlier init (shown only then)")], 13))
+        rows.append(("admin key", "made by an earlier init (shown only then)"))
+    _fields(rows)
 
 
 def serving(url: str, db: str, workers: int) -> None:
-    _out().print(Text(f"paymaster serving {url} ({workers} worker{'s' if workers != 1 else ''}, {db})"))
+    _line(Text(f"paymaster serving {url} ({workers} worker{'s' if workers != 1 else ''}, {db})"))
 
 
 # ---------------------------------------------------------------- agents and keys
 
 
 def agent_detail(agent: Mapping[str, Any]) -> None:
-    console = _out()
     meta = agent.get("metadata") or {}
-    console.print(
-        _grid(
-            [
-                ("id", agent["id"]),
-                ("name", agent["name"]),
-                ("status", _status(agent["status"])),
-                ("parent", agent.get("parent") or "-"),
-                ("public key", agent["public_key"]),
-                ("metadata", ", ".join(f"{k}={v}" for k, v in meta.items()) or "-"),
-                ("policy", f"version {agent.get('policy_version', 0)}"),
-                ("created", agent.get("created_at")),
-            ]
-        )
+    _fields(
+        [
+            ("id", agent["id"]),
+            ("name", agent["name"]),
+            ("status", _status(agent["status"])),
+            ("parent", agent.get("parent") or "-"),
+            ("public key", agent["public_key"]),
+            ("metadata", ", ".join(f"{k}={v}" for k, v in meta.items()) or "-"),
+            ("policy", f"version {agent.get('policy_version', 0)}"),
+            ("created", agent.get("created_at")),
+        ],
+        width=14,
     )
     policy_summary(agent.get("policy"))
 
@@ -186,24 +188,23 @@ def agent_detail(agent: Mapping[str, Any]) -> None:
 def policy_summary(policy: Mapping[str, Any] | None) -> None:
     console = _out()
     if not policy:
-        console.print(Text("no policy: the defaults apply (no caps, no per-call maximum)", style="dim"))
+        _line(Text("no policy: the defaults apply (no caps, no per-call maximum)", style="dim"), console)
         return
     hosts = policy.get("allow_hosts")
     per_call = policy.get("per_call_max") or {}
-    console.print(
-        _grid(
-            [
-                (
-                    "allow hosts",
-                    ", ".join(hosts) if hosts is not None else "the hosts of every configured connector",
-                ),
-                ("per-call max", ", ".join(f"{k} {v}" for k, v in per_call.items()) or "-"),
-            ]
-        )
+    _fields(
+        [
+            (
+                "allow hosts",
+                ", ".join(hosts) if hosts is not None else "the hosts of every configured connector",
+            ),
+            ("per-call max", ", ".join(f"{k} {v}" for k, v in per_call.items()) or "-"),
+        ],
+        width=14,
     )
     caps = policy.get("caps") or []
     if caps:
-        table = Table(title="caps", title_justify="left")
+        table = _table("caps")
         for name in ("scope", "period", "limit", "mode", "tz"):
             table.add_column(name, justify="right" if name == "limit" else "left")
         for cap in caps:
@@ -218,7 +219,7 @@ def policy_summary(policy: Mapping[str, Any] | None) -> None:
 
 def agent_created(agent: Mapping[str, Any], key_file: str | None) -> None:
     console = _out()
-    console.print(Text(f"created agent {_agent_label(agent)}", style="bold green"))
+    _line(Text(f"created agent {_agent_label(agent)}", style="bold green"), console)
     if key_file is not None:
         console.print(
             Text(f"private key written to {key_file} (mode 0600); the authority keeps only the public key"),
@@ -232,13 +233,13 @@ def agents_table(agents: Sequence[Mapping[str, Any]]) -> None:
     if not agents:
         console.print(Text("no agents yet: paymaster agents create NAME --key-out FILE", style="dim"))
         return
-    table = Table()
-    table.add_column("id", overflow="fold")
-    table.add_column("name", overflow="fold")
-    table.add_column("status")
-    table.add_column("parent", overflow="fold")
-    table.add_column("policy", justify="right")
-    table.add_column("created")
+    table = _table()
+    table.add_column("id", no_wrap=True)
+    table.add_column("name", overflow="ellipsis", min_width=6)
+    table.add_column("status", no_wrap=True)
+    table.add_column("parent", overflow="ellipsis", min_width=6)
+    table.add_column("policy", justify="right", no_wrap=True)
+    table.add_column("created", no_wrap=True)
     for agent in agents:
         table.add_row(
             _text(agent["id"]),
@@ -246,7 +247,7 @@ def agents_table(agents: Sequence[Mapping[str, Any]]) -> None:
             _status(agent["status"]),
             _text(agent.get("parent") or "-"),
             _text(f"v{agent.get('policy_version', 0)}"),
-            _text(str(agent.get("created_at", ""))[:19].replace("T", " ")),
+            _text(str(agent.get("created_at", ""))[:10]),
         )
     console.print(table)
 
@@ -254,7 +255,7 @@ def agents_table(agents: Sequence[Mapping[str, Any]]) -> None:
 def status_changed(agent: Mapping[str, Any]) -> None:
     text = Text(f"{_agent_label(agent)} is now ")
     text.append(_status(agent["status"]))
-    _out().print(text)
+    _out().print(text, soft_wrap=True)
 
 
 def service_key(principal: str, key: str) -> None:
@@ -272,17 +273,36 @@ def funded(agent: Mapping[str, Any], amount: str, wallet: Mapping[str, Any]) -> 
         Text(
             f"funded {_agent_label(agent)} with {amount} {wallet['currency']}:"
             f" wallet limit {wallet['limit']}, spent {wallet['spent']}, remaining {wallet['remaining']}"
-        )
+        ),
+        soft_wrap=True,
     )
 
 
 def limits(agent: Mapping[str, Any], changed: bool) -> None:
     console = _out()
     if changed:
-        console.print(Text(f"limits of {_agent_label(agent)} set: policy version {agent['policy_version']}"))
+        _line(Text(f"limits of {_agent_label(agent)} set: policy version {agent['policy_version']}"), console)
     else:
-        console.print(Text(f"no limit named: the limits of {_agent_label(agent)} are unchanged", style="dim"))
+        _line(
+            Text(f"no limit named: the limits of {_agent_label(agent)} are unchanged", style="dim"), console
+        )
     policy_summary(agent.get("policy"))
+
+
+def budget_label(budget: Mapping[str, Any], agent_id: str) -> str:
+    """A budget as its agent's row names it: ``wallet``, ``day``, ``connector:openai day``,
+    ``team:growth month`` (a parent's cap); the current window is implied."""
+    if budget.get("kind") == "wallet":
+        label = "wallet"
+    elif budget.get("kind") == "task":
+        label = f"task {budget['id']}"
+    else:
+        parts = [] if budget.get("owner") == agent_id else [str(budget.get("owner"))]
+        if budget.get("scope") not in (None, "all"):
+            parts.append(str(budget["scope"]))
+        parts.append(str(budget.get("period")))
+        label = " ".join(parts)
+    return f"{label} (shadow)" if budget.get("mode") == "shadow" else label
 
 
 def budgets(agent: Mapping[str, Any], view: Mapping[str, Any]) -> None:
@@ -296,31 +316,27 @@ def budgets(agent: Mapping[str, Any], view: Mapping[str, Any]) -> None:
         console.print(
             Text(
                 "  no budget configured: every billable call is denied (fund it or set a limit)", style="dim"
-            )
+            ),
+            soft_wrap=True,
         )
         return
-    table = Table(title=title, title_justify="left")
+    currency = rows[0].get("currency", "")
+    table = _table(title)
     table.add_column("budget", overflow="fold")
-    table.add_column("period")
     for name in ("limit", "spent", "reserved", "remaining"):
-        table.add_column(name, justify="right")
+        table.add_column(name, justify="right", no_wrap=True)
     table.add_column("used", no_wrap=True)
     for budget in rows:
-        period = str(budget.get("period"))
-        if budget.get("mode") == "shadow":
-            period += " (shadow)"
-        remaining = Text(
-            str(budget["remaining"]), style="red" if str(budget["remaining"]).startswith("-") else ""
-        )
+        remaining = str(budget["remaining"])
         table.add_row(
-            _text(budget["id"]),
-            _text(period),
+            _text(budget_label(budget, str(agent["id"]))),
             _text(budget["limit"]),
             _text(budget["spent"]),
             _text(budget["reserved"]),
-            remaining,
+            Text(remaining, style="bold red" if remaining.startswith("-") else ""),
             usage_bar(budget.get("used")),
         )
+    table.caption = f"amounts in {currency}; each cap in its current window"
     console.print(table)
 
 
@@ -328,69 +344,95 @@ def budgets(agent: Mapping[str, Any], view: Mapping[str, Any]) -> None:
 
 
 def ledger_table(
-    entries: Sequence[Mapping[str, Any]], totals: Mapping[str, str], title: str = "ledger"
+    entries: Sequence[Mapping[str, Any]],
+    totals: Mapping[str, str],
+    names: Mapping[str, str] | None = None,
+    title: str = "ledger",
+    ids: bool = True,
 ) -> None:
+    """Entries oldest first; ``names`` maps agent ids to names, which read better than ids.
+
+    Entry ids are whole or absent, never folded (an id cut in two cannot be pasted); on a
+    narrow terminal the agent and connector names give way first.
+    """
     console = _out()
     if not entries:
         console.print(Text("no ledger entries", style="dim"))
         return
-    table = Table(title=title, title_justify="left")
-    table.add_column("time", no_wrap=True)
-    table.add_column("entry", overflow="fold")
-    table.add_column("kind")
-    table.add_column("agent", overflow="fold")
-    table.add_column("connector", overflow="fold")
-    table.add_column("amount", justify="right")
-    table.add_column("flags")
+    names = names or {}
+    # An entry id is 29 characters and is useless cut in two: it is shown when the terminal
+    # has room for it whole, and always available from --format csv or --json.
+    ids_hidden = ids and console.width < WIDE
+    ids = ids and not ids_hidden
+    currencies = {str(e["currency"]) for e in entries}
+    single = currencies.pop() if len(currencies) == 1 else None
+    table = _table(title)
+    table.add_column("time (UTC)", no_wrap=True)
+    if ids:
+        table.add_column("entry", no_wrap=True)
+    # Wrappable (so Rich narrows these first) but cut with an ellipsis rather than folded.
+    table.add_column("agent", overflow="ellipsis", min_width=6)
+    table.add_column("connector", overflow="ellipsis", min_width=6)
+    # Flags go in the amount's cell, before it: a column of their own is the first thing a
+    # narrow terminal would squeeze out, and "refund -0.15" must never lose its "refund".
+    table.add_column(f"amount ({single})" if single else "amount", justify="right", no_wrap=True)
     for entry in entries:
-        flags = [name for name in ("estimated", "overrun") if entry.get(name)]
         total = str(entry["total"])
-        table.add_row(
-            _text(str(entry["time"])[:19].replace("T", " ")),
-            _text(entry["id"]),
-            _text(entry["kind"]),
-            _text(entry.get("agent_id") or entry.get("principal")),
-            _text(entry["connector"]),
-            Text(f"{total} {entry['currency']}", style="green" if total.startswith("-") else ""),
-            _text(" ".join(flags)),
+        agent_id = entry.get("agent_id")
+        flags = ["refund"] if entry.get("kind") == "refund" else []
+        flags += [name for name in ("estimated", "overrun") if entry.get(name)]
+        amount = Text(" ".join(flags) + " " if flags else "", style="yellow")
+        amount.append(
+            total if single else f"{total} {entry['currency']}",
+            style="green" if total.startswith("-") else "",
         )
+        cells = [_text(str(entry["time"])[:16].replace("T", " "))]
+        if ids:
+            cells.append(_text(entry["id"]))
+        cells += [
+            _text(names.get(agent_id, agent_id) if agent_id else entry.get("principal")),
+            _text(entry["connector"]),
+            amount,
+        ]
+        table.add_row(*cells)
     table.caption = f"{len(entries)} entries; net " + ", ".join(f"{v} {k}" for k, v in sorted(totals.items()))
+    if ids_hidden:
+        table.caption += "; ids: --json or --format csv"
     console.print(table)
 
 
 def audit(result: Mapping[str, Any]) -> None:
     if result["ok"]:
-        _out().print(
+        _line(
             Text(
                 f"ok: audit log intact, {result['events']} events, signed head at seq {result['head_seq']}",
                 style="green",
             )
         )
     else:
-        _out().print(
+        _line(
             Text(
                 f"broken: first bad event at seq {result['first_bad_seq']}: {result['reason']}"
                 f" ({result['events']} events read)",
                 style="bold red",
-            ),
-            soft_wrap=True,
+            )
         )
 
 
 def report_written(path: str, rows: int) -> None:
-    _out().print(Text(f"wrote {rows} FOCUS row{'s' if rows != 1 else ''} to {path}"))
+    _line(Text(f"wrote {rows} FOCUS row{'s' if rows != 1 else ''} to {path}"))
 
 
 # ---------------------------------------------------------------- demo
 
 
-def demo_intro(agent: Mapping[str, Any], db: str, cap: str, wallet: str, price: str) -> None:
-    console = _out()
-    console.print(Text("paymaster demo: a runaway agent loop against a fresh database", style="bold"))
-    console.print(
+def demo_intro(agent: Mapping[str, Any], db: str, temporary: bool, cap: str, wallet: str, price: str) -> None:
+    _line(Text("paymaster demo: a runaway agent loop, and the cap that stops it", style="bold"))
+    _line(Text(f"database {db}{' (temporary)' if temporary else ''}", style="dim"))
+    _line(
         Text(
-            f"database {db}\nagent {_agent_label(agent)}: wallet {wallet}, daily cap {cap}; every loop"
-            f" iteration holds {price} for a web search, then charges what it really cost",
+            f"agent {_agent_label(agent)}: wallet {wallet}, daily cap {cap}; each iteration holds {price}"
+            " for a web search, then is charged what the call really cost",
             style="dim",
         )
     )
@@ -403,15 +445,14 @@ def demo_call(call: Mapping[str, Any]) -> None:
         text.append(f" {call['code']}: {call['message']}", style="red")
     else:
         text.append("allow", style="green")
-        text.append(
-            f"  held {call['held']}  charged {call['charged']}  remaining: "
-            + ", ".join(f"{b['id'].split('/', 1)[1]} {b['remaining']}" for b in call["budgets"])
-        )
-    _out().print(text, soft_wrap=True)
+        # budget ids without the agent id: "total", "day/2026-11-24"
+        left = ", ".join(f"{b['id'].split('/', 1)[-1]} {b['remaining']}" for b in call["budgets"])
+        text.append(f"  held {call['held']}  charged {call['charged']}  remaining: {left}")
+    _line(text)
 
 
 def demo_stopped(calls: int, spent: str, cap: str) -> None:
-    _out().print(
+    _line(
         Text(
             f"stopped after {calls} calls: {spent} spent against a {cap} daily cap, not a cent over",
             style="bold",

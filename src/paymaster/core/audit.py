@@ -20,6 +20,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 GENESIS_HASH = "0" * 64
+# The one chain of a store whose writers are serialised (SQLite); a multi-writer store (PostgreSQL)
+# keeps one chain per writer, each named in its events' ``chain`` extension and sealed by its own head.
+MAIN_CHAIN = "main"
 EVENT_PREFIX = "dev.paymaster."
 
 EVENT_TYPES = frozenset(
@@ -74,11 +77,13 @@ def build_event(
     at: datetime,
     seq: int,
     prevhash: str,
+    chain: str | None = None,
 ) -> dict[str, Any]:
-    """A chained CloudEvent (without its own hash, which is derived)."""
+    """A chained CloudEvent (without its own hash, which is derived). ``chain`` names the
+    chain the event belongs to when a store keeps several (then ``seq`` counts within it)."""
     if event_type not in EVENT_TYPES:
         raise ValueError(f"unknown event type {event_type}")
-    return {
+    event = {
         "specversion": "1.0",
         "id": event_id,
         "source": f"paymaster://{authority_id}",
@@ -90,6 +95,9 @@ def build_event(
         "seq": seq,
         "prevhash": prevhash,
     }
+    if chain is not None:
+        event["chain"] = chain
+    return event
 
 
 def event_hash(event: Mapping[str, Any]) -> str:
@@ -114,6 +122,7 @@ class Head:
     seq: int
     hash: str
     sig: str
+    chain: str = MAIN_CHAIN
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,17 +132,26 @@ class VerifyResult:
     head_seq: int
     first_bad_seq: int | None = None
     reason: str | None = None
+    chain: str | None = None  # the chain that broke, when a store keeps several
+    chains: int = 1
 
     def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any]
         if self.ok:
-            return {"ok": True, "events": self.events, "head_seq": self.head_seq}
-        return {
-            "ok": False,
-            "events": self.events,
-            "head_seq": self.head_seq,
-            "first_bad_seq": self.first_bad_seq,
-            "reason": self.reason,
-        }
+            out = {"ok": True, "events": self.events, "head_seq": self.head_seq}
+        else:
+            out = {
+                "ok": False,
+                "events": self.events,
+                "head_seq": self.head_seq,
+                "first_bad_seq": self.first_bad_seq,
+                "reason": self.reason,
+            }
+        if self.chain is not None:
+            out["chain"] = self.chain
+        if self.chains != 1:
+            out["chains"] = self.chains
+        return out
 
 
 def verify_chain(
@@ -156,7 +174,8 @@ def verify_chain(
     prev = GENESIS_HASH
     hashes: dict[int, str] = {}
     count = 0
-    for ev in events:
+    stream = iter(events)
+    for ev in stream:
         seq = ev.get("seq")
         if seq != expected_seq:
             bad = expected_seq if isinstance(seq, int) and seq > expected_seq else seq
@@ -172,7 +191,7 @@ def verify_chain(
                 False,
                 count,
                 expected_seq - 1,
-                expected_seq,
+                _departure(ev, expected_seq, hashes, next(stream, None), head),
                 "prevhash does not match the previous event (edited, dropped or reordered)",
             )
         prev = event_hash(ev)
@@ -211,6 +230,90 @@ def verify_chain(
                 False, count, last_seq, sink_head.seq, "exported head does not match the chain"
             )
     return VerifyResult(True, count, last_seq)
+
+
+def _departure(
+    ev: Mapping[str, Any],
+    seq: int,
+    hashes: Mapping[int, str],
+    following: Mapping[str, Any] | None,
+    head: Head | None,
+) -> int:
+    """The first event that a broken link between ``seq - 1`` and ``seq`` leaves untrusted.
+
+    The link alone cannot tell which side changed; its neighbours can. When ``ev`` names an
+    earlier event as its predecessor, the events after that one were inserted. When ``ev`` is
+    still confirmed by what follows it (the next event's ``prevhash``, or the signed head), it
+    is intact and the event before it was edited. Otherwise ``ev`` itself changed.
+    """
+    earlier = next((s for s, h in hashes.items() if h == ev.get("prevhash")), None)
+    if earlier is not None:
+        return earlier + 1
+    own = event_hash(ev)
+    if following is not None:
+        confirmed = following.get("prevhash") == own
+    else:
+        confirmed = head is not None and head.hash == own
+    return seq - 1 if confirmed and seq > 1 else seq
+
+
+def verify_chains(
+    chains: Iterable[tuple[str, Head | None, Iterable[Mapping[str, Any]]]],
+    public_keys: Iterable[Ed25519PublicKey],
+    *,
+    sink_heads: Iterable[Head] = (),
+    total_events: int | None = None,
+) -> VerifyResult:
+    """Verify each chain ``(name, signed head, its events in seq order)`` against its own head,
+    and the exported heads against the chains they name. One chain named ``main`` gives exactly
+    :func:`verify_chain`'s answer. With several, ``events`` and ``head_seq`` add up over the
+    chains and a failure names its chain. ``total_events``, the number of events the store
+    holds, catches events that no verified chain accounts for (a head row deleted)."""
+    keys = list(public_keys)
+    exported: dict[str, list[Head]] = {}
+    for sink_head in sink_heads:
+        exported.setdefault(sink_head.chain, []).append(sink_head)
+    items = list(chains)
+    single = len(items) == 1 and items[0][0] == MAIN_CHAIN
+    count = covered = 0
+    for name, head, events in items:
+        result = verify_chain(events, head, keys, sink_heads=exported.pop(name, ()))
+        if not result.ok:
+            if single:
+                return result
+            return VerifyResult(
+                False,
+                count + result.events,
+                result.head_seq,
+                result.first_bad_seq,
+                f"chain {name}: {result.reason}",
+                chain=name,
+                chains=len(items),
+            )
+        count += result.events
+        covered += result.head_seq
+    n_chains = 1 if single else len(items)
+    if exported:
+        name = sorted(exported)[0]
+        return VerifyResult(
+            False,
+            count,
+            covered,
+            1,
+            f"exported heads name chain {name}, which the store does not hold (deleted with its head?)",
+            chain=name,
+            chains=n_chains,
+        )
+    if total_events is not None and total_events != count:
+        return VerifyResult(
+            False,
+            count,
+            covered,
+            None,
+            f"{total_events - count} events belong to no signed chain head (a head deleted?)",
+            chains=n_chains,
+        )
+    return VerifyResult(True, count, covered, chains=n_chains)
 
 
 def _signature_ok(keys: list[Ed25519PublicKey], message: bytes, sig: str) -> bool:

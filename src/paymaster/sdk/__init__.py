@@ -6,7 +6,6 @@ importing it never imports the server, the store or the command line.
 
 from __future__ import annotations
 
-from paymaster.sdk._common import UNSET
 from paymaster.sdk.aclient import AsyncClient, AsyncHold
 from paymaster.sdk.client import Client, Hold
 from paymaster.sdk.governed import (
@@ -33,7 +32,6 @@ from paymaster.sdk.models import (
 )
 
 __all__ = [
-    "UNSET",
     "Agent",
     "AgentKey",
     "AmountLike",

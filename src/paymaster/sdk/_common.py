@@ -104,9 +104,9 @@ def new_idempotency_key() -> str:
 @dataclass(frozen=True)
 class Auth:
     """How a call authenticates: ``agent`` (a fresh spend token per attempt), ``admin``
-    (the admin key), ``bearer`` (the service key, else the admin key) or ``none``."""
+    (the admin key, else the service key) or ``bearer`` (the service key, else the admin key)."""
 
-    kind: Literal["agent", "admin", "bearer", "none"]
+    kind: Literal["agent", "admin", "bearer"]
     agent_id: str | None = None
     key: AgentKey | None = field(default=None, repr=False)
     session: str | None = None
@@ -114,15 +114,20 @@ class Auth:
 
 
 ADMIN: Final = Auth("admin")
-NO_AUTH: Final = Auth("none")
 
 
 def agent_or_bearer(
-    agent_id: str | None, key: AgentKey | None, *, session: str | None = None, task: str | None = None
+    agent_id: str | None,
+    key: AgentKey | None,
+    *,
+    session: str | None = None,
+    task: str | None = None,
+    otherwise: Literal["bearer", "admin"] = "bearer",
 ) -> Auth:
-    """The agent's own spend token when it gave its key, else the client's service (or admin) key."""
+    """The agent's own spend token when it gave its key, else the client's service key
+    (``otherwise="bearer"``, falling back to the admin key) or admin key."""
     if key is None:
-        return Auth("bearer")
+        return Auth(otherwise)
     if not agent_id:
         raise ValueError("an agent key needs the agent's id (agent_id=...) to sign with")
     if not isinstance(key, AgentKey):
@@ -153,10 +158,8 @@ class Credentials:
             return {AGENT_HEADER: auth.agent_id, TOKEN_HEADER: token}
         if auth.kind == "admin":
             bearer = self.admin_key or self.service_key
-        elif auth.kind == "bearer":
-            bearer = self.service_key or self.admin_key
         else:
-            bearer = None
+            bearer = self.service_key or self.admin_key
         return {"authorization": f"Bearer {bearer}"} if bearer else {}
 
 
@@ -313,7 +316,9 @@ def set_policy(agent_id: str, policy: Mapping[str, Any]) -> Call[Agent]:
 
 def fund(agent_id: str, amount: AmountLike, idempotency_key: str | None) -> Call[Budget]:
     body = {"amount": format_amount(amount), "idempotency_key": idempotency_key or new_idempotency_key()}
-    return Call("POST", f"/v1/agents/{segment(agent_id)}/fund", _one(Budget.from_json), json=body, replay_safe=True)
+    return Call(
+        "POST", f"/v1/agents/{segment(agent_id)}/fund", _one(Budget.from_json), json=body, replay_safe=True
+    )
 
 
 def set_status(agent_id: str, action: Literal["freeze", "unfreeze", "revoke"]) -> Call[Agent]:

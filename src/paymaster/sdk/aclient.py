@@ -257,8 +257,10 @@ class AsyncAgents:
     async def set_policy(self, agent_id: str, policy: Mapping[str, Any]) -> Agent:
         return await self._client._run(calls.set_policy(agent_id, policy))
 
-    async def fund(self, agent_id: str, amount: AmountLike) -> Budget:
-        return await self._client._run(calls.fund(agent_id, amount))
+    async def fund(self, agent_id: str, amount: AmountLike, *, idempotency_key: str | None = None) -> Budget:
+        """Raise the agent's wallet by ``amount``; returns the wallet. Retried safely: the
+        idempotency key (made when not given) makes a repeated fund count once."""
+        return await self._client._run(calls.fund(agent_id, amount, idempotency_key))
 
     async def freeze(self, agent_id: str) -> Agent:
         return await self._client._run(calls.set_status(agent_id, "freeze"))
@@ -269,8 +271,11 @@ class AsyncAgents:
     async def revoke(self, agent_id: str) -> Agent:
         return await self._client._run(calls.set_status(agent_id, "revoke"))
 
-    async def budgets(self, agent_id: str) -> builtins.list[Budget]:
-        return await self._client._run(calls.agent_budgets(agent_id))
+    async def budgets(self, agent_id: str, *, key: AgentKey | None = None) -> builtins.list[Budget]:
+        """Every budget on the agent's path in its current window: wallet, caps, parents' caps.
+        With the agent's ``key``, the agent reads its own (no admin key needed)."""
+        auth = calls.agent_or_bearer(agent_id, key, otherwise="admin")
+        return await self._client._run(calls.agent_budgets(agent_id, auth))
 
 
 class AsyncBudgets:
@@ -279,22 +284,28 @@ class AsyncBudgets:
     def __init__(self, client: AsyncClient) -> None:
         self._client = client
 
-    async def get(self, budget_id: str) -> Budget:
-        return await self._client._run(calls.get_budget(budget_id))
+    async def get(
+        self, budget_id: str, *, agent_id: str | None = None, key: AgentKey | None = None
+    ) -> Budget:
+        """A budget by id (``ag_…/total``, ``team:x/day``…); an id without a window means the
+        current one. An agent reads its own budgets with its ``agent_id`` and ``key``."""
+        auth = calls.agent_or_bearer(agent_id, key, otherwise="admin")
+        return await self._client._run(calls.get_budget(budget_id, auth))
 
     async def create(
         self,
         owner: str,
         limit: AmountLike,
         *,
-        period: str = "total",
+        period: str,
         scope: str | None = None,
         mode: str | None = None,
         tz: str | None = None,
-        currency: str | None = None,
     ) -> Budget:
+        """Add (or replace) the cap ``{scope, period, limit, mode, tz}`` on ``owner``'s policy
+        (an agent or a principal); returns the cap's budget in its current window."""
         return await self._client._run(
-            calls.create_budget(owner, limit, period=period, scope=scope, mode=mode, tz=tz, currency=currency)
+            calls.create_budget(owner, limit, period=period, scope=scope, mode=mode, tz=tz)
         )
 
 
@@ -329,7 +340,7 @@ class AsyncTasks:
         key: AgentKey | None = None,
         agent_id: str | None = None,
     ) -> Task:
-        auth = calls.ADMIN if key is None else calls.agent_or_bearer(agent_id, key)
+        auth = calls.agent_or_bearer(agent_id, key, otherwise="admin")
         return await self._client._run(calls.create_task(limit, agents, parent_task, auth))
 
 

@@ -282,9 +282,10 @@ class Agents:
         """Replace the agent's policy (a new version; current windows keep their spend)."""
         return self._client._run(calls.set_policy(agent_id, policy))
 
-    def fund(self, agent_id: str, amount: AmountLike) -> Budget:
-        """Raise the agent's wallet by ``amount``; returns the wallet."""
-        return self._client._run(calls.fund(agent_id, amount))
+    def fund(self, agent_id: str, amount: AmountLike, *, idempotency_key: str | None = None) -> Budget:
+        """Raise the agent's wallet by ``amount``; returns the wallet. Retried safely: the
+        idempotency key (made when not given) makes a repeated fund count once."""
+        return self._client._run(calls.fund(agent_id, amount, idempotency_key))
 
     def freeze(self, agent_id: str) -> Agent:
         return self._client._run(calls.set_status(agent_id, "freeze"))
@@ -296,9 +297,11 @@ class Agents:
         """Revoke the agent for good (revoke is final)."""
         return self._client._run(calls.set_status(agent_id, "revoke"))
 
-    def budgets(self, agent_id: str) -> builtins.list[Budget]:
-        """Every budget on the agent's path in its current window: wallet, caps, parents' caps."""
-        return self._client._run(calls.agent_budgets(agent_id))
+    def budgets(self, agent_id: str, *, key: AgentKey | None = None) -> builtins.list[Budget]:
+        """Every budget on the agent's path in its current window: wallet, caps, parents' caps.
+        With the agent's ``key``, the agent reads its own (no admin key needed)."""
+        auth = calls.agent_or_bearer(agent_id, key, otherwise="admin")
+        return self._client._run(calls.agent_budgets(agent_id, auth))
 
 
 class Budgets:
@@ -307,23 +310,26 @@ class Budgets:
     def __init__(self, client: Client) -> None:
         self._client = client
 
-    def get(self, budget_id: str) -> Budget:
-        """A budget by id (``ag_…/total``, ``team:x/day``…); an id without a window means the current one."""
-        return self._client._run(calls.get_budget(budget_id))
+    def get(self, budget_id: str, *, agent_id: str | None = None, key: AgentKey | None = None) -> Budget:
+        """A budget by id (``ag_…/total``, ``team:x/day``…); an id without a window means the
+        current one. An agent reads its own budgets with its ``agent_id`` and ``key``."""
+        auth = calls.agent_or_bearer(agent_id, key, otherwise="admin")
+        return self._client._run(calls.get_budget(budget_id, auth))
 
     def create(
         self,
         owner: str,
         limit: AmountLike,
         *,
-        period: str = "total",
+        period: str,
         scope: str | None = None,
         mode: str | None = None,
         tz: str | None = None,
-        currency: str | None = None,
     ) -> Budget:
+        """Add (or replace) the cap ``{scope, period, limit, mode, tz}`` on ``owner``'s policy
+        (an agent or a principal); returns the cap's budget in its current window."""
         return self._client._run(
-            calls.create_budget(owner, limit, period=period, scope=scope, mode=mode, tz=tz, currency=currency)
+            calls.create_budget(owner, limit, period=period, scope=scope, mode=mode, tz=tz)
         )
 
 
@@ -361,7 +367,7 @@ class Tasks:
     ) -> Task:
         """A task budget for ``agents``. An admin makes any task; an agent listed on
         ``parent_task`` makes a sub-task with its own key (``agent_id`` and ``key``)."""
-        auth = calls.ADMIN if key is None else calls.agent_or_bearer(agent_id, key)
+        auth = calls.agent_or_bearer(agent_id, key, otherwise="admin")
         return self._client._run(calls.create_task(limit, agents, parent_task, auth))
 
 

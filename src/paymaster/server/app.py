@@ -1,7 +1,9 @@
-"""The app factory: the /v1 authority and admin API, the gateway, health and metrics.
+"""The app factory: the /v1 authority and admin API, the dashboard (with the FOCUS report),
+the gateway, health and metrics.
 
 The lifespan runs the expiry sweeper (holds past their ``expires_at`` are settled even when
-nobody touches them again) and closes the store on shutdown.
+nobody touches them again); on shutdown it lets the gateway close its upstream pools, then
+closes the store.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from paymaster.authority import Authority
-from paymaster.server import gateway
+from paymaster.server import gateway, ui
 from paymaster.server.context import ServerState
 from paymaster.server.errors import ERROR_CODE_KEY, HANDLERS, unexpected_response
 from paymaster.server.metrics import Metrics
@@ -96,13 +98,16 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
     finally:
         sweeper.stop()
-        state.authority.store.close()
+        try:
+            await gateway.shutdown(app)  # streams still settling finish before the store closes
+        finally:
+            state.authority.store.close()
 
 
 def create_app(authority: Authority) -> Starlette:
     state = ServerState(authority)
     app = Starlette(
-        routes=[*api_routes(), *gateway.routes(authority)],
+        routes=[*api_routes(), *ui.routes(authority), *gateway.routes(authority)],
         middleware=[Middleware(Observe, metrics=state.metrics)],
         exception_handlers=dict[Any, Any](HANDLERS),
         lifespan=lifespan,

@@ -24,7 +24,7 @@ from paymaster.errors import (
 from paymaster.store import ops
 
 AGENT_HEADER = "x-paymaster-agent-id"
-TOKEN_HEADER = "x-paymaster-spend-token"
+TOKEN_HEADER = "x-paymaster-spend-token"  # noqa: S105 - a header name
 AUDIENCE = "paymaster"
 _MAX_KEY_LENGTH = 512
 

@@ -8,6 +8,7 @@ authority, and nothing is written for it.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any, NoReturn
@@ -20,8 +21,16 @@ from paymaster.money import parse_nanos
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any real API request, small enough to refuse cheaply
 MAX_TEXT = 1024
+# Far deeper than any real request; bounded so that no later json.dumps (the body hash, the
+# store) can hit the interpreter's recursion limit on something the parser accepted.
+MAX_DEPTH = 64
 _COUNT_MAX = 10**12  # token and unit counts: generous, but bounded like money
 _DECIMAL_RE = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
+# I-JSON (RFC 7493): what every JSON parser reads the same way, and what the audit chain's
+# canonical JSON (RFC 8785) can represent: integers within +-(2**53 - 1), finite numbers,
+# no unpaired surrogates.
+_SAFE_INTEGER = 2**53 - 1
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
 def too_large() -> InvalidRequest:
@@ -56,20 +65,58 @@ def _no_constants(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 
+def _safe_int(text: str) -> int:
+    value = int(text)
+    if abs(value) > _SAFE_INTEGER:
+        raise ValueError(f"the integer {text[:20]} is outside +-(2**53 - 1)")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:20]} is out of range")
+    return value
+
+
 def parse_object(raw: bytes, *, allow_empty: bool = False) -> dict[str, Any]:
-    """Parse a JSON object body. An empty body is ``{}`` where ``allow_empty``."""
+    """Parse a JSON object body (I-JSON, at most :data:`MAX_DEPTH` deep). An empty body is
+    ``{}`` where ``allow_empty``."""
     if not raw.strip():
         if allow_empty:
             return {}
         raise InvalidRequest("a JSON object body is required")
     try:
-        obj = json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        obj = json.loads(
+            raw,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constants,
+            parse_int=_safe_int,
+            parse_float=_finite_float,
+        )
     except (ValueError, RecursionError) as exc:
-        # ValueError covers malformed JSON, bad UTF-8 and integers too long to convert.
+        # ValueError covers malformed JSON, bad UTF-8 and the I-JSON refusals above.
         raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise InvalidRequest(f"the body must be a JSON object, not {_kind(obj)}")
+    _check_tree(obj)
     return obj
+
+
+def _check_tree(root: dict[str, Any]) -> None:
+    """Nesting depth and unpaired surrogates, without recursion."""
+    stack: list[tuple[Any, int]] = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise InvalidRequest(f"the body is nested deeper than {MAX_DEPTH} levels")
+        items = [*node, *node.values()] if isinstance(node, dict) else node
+        for item in items:
+            if isinstance(item, str):
+                if _SURROGATE_RE.search(item):
+                    raise InvalidRequest("the body holds an unpaired UTF-16 surrogate (not I-JSON)")
+            elif isinstance(item, dict | list):
+                stack.append((item, depth + 1))
 
 
 def _kind(value: Any) -> str:
@@ -91,7 +138,9 @@ def check_fields(body: Mapping[str, Any], allowed: Iterable[str], required: Iter
     allowed_set = set(allowed)
     unknown = sorted(set(body) - allowed_set)
     if unknown:
-        raise InvalidRequest(f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed_set))}")
+        raise InvalidRequest(
+            f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed_set))}"
+        )
     missing = [name for name in required if body.get(name) is None]
     if missing:
         raise InvalidRequest(f"missing required field(s) {', '.join(missing)}")

@@ -81,9 +81,13 @@ def endpoint(
         state = server_state(request)
         raw = await read_body(request) if body else b""
         incoming = Incoming(
-            method=request.method, url=str(request.url), headers=request.headers,
-            query=request.query_params, params=dict(request.path_params), raw=raw,
-        )  # fmt: skip
+            method=request.method,
+            url=str(request.url),
+            headers=request.headers,
+            query=request.query_params,
+            params=dict(request.path_params),
+            raw=raw,
+        )
         started = anyio.current_time() if timed else 0.0
         try:
             status, payload = await state.run(handler, state.authority, incoming)

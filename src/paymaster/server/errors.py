@@ -22,7 +22,16 @@ from paymaster.store.base import StoreUnavailable
 logger = logging.getLogger("paymaster.server")
 
 ERROR_CODE_KEY = "paymaster.error_code"
-ERROR_FIELDS = ("code", "message", "decision_id", "budget_id", "requested", "remaining", "currency", "retryable")
+ERROR_FIELDS = (
+    "code",
+    "message",
+    "decision_id",
+    "budget_id",
+    "requested",
+    "remaining",
+    "currency",
+    "retryable",
+)
 INTERNAL_ERROR = "internal_error"
 
 
@@ -58,7 +67,7 @@ def unexpected_response(exc: BaseException, scope: MutableMapping[str, Any]) -> 
         return error_response(AuthorityUnavailable("the authority's store is unavailable; retry"), scope)
     logger.error("unexpected error", exc_info=exc)
     scope[ERROR_CODE_KEY] = INTERNAL_ERROR
-    body = {field: None for field in ERROR_FIELDS}
+    body: dict[str, Any] = dict.fromkeys(ERROR_FIELDS)
     body.update(code=INTERNAL_ERROR, message="internal error", retryable=False)
     return JSONResponse({"error": body}, status_code=500)
 

@@ -64,14 +64,20 @@ def query_text(query: QueryParams, name: str) -> str | None:
 
 def create_agent(authority: Authority, req: Incoming) -> tuple[int, Any]:
     body = b.parse_object(req.raw)
-    b.check_fields(body, ("name", "public_key", "policy", "parent", "metadata"), required=("name", "public_key"))
+    b.check_fields(
+        body, ("name", "public_key", "policy", "parent", "metadata"), required=("name", "public_key")
+    )
     name = b.text(body, "name", max_len=200)
     public_key = b.text(body, "public_key", max_len=64)
-    assert name is not None and public_key is not None
+    assert name is not None
+    assert public_key is not None
     return 201, authority.create_agent(
-        name, public_key, policy=b.obj(body, "policy"), parent=b.text(body, "parent", max_len=200),
+        name,
+        public_key,
+        policy=b.obj(body, "policy"),
+        parent=b.text(body, "parent", max_len=200),
         metadata=b.obj(body, "metadata"),
-    )  # fmt: skip
+    )
 
 
 def list_agents(authority: Authority, req: Incoming) -> tuple[int, Any]:
@@ -130,7 +136,9 @@ def add_cap(authority: Authority, req: Incoming) -> tuple[int, Any]:
     """``POST /v1/budgets``: add or replace one cap on an owner's policy (a new policy
     version) and answer the budget in its current window."""
     body = b.parse_object(req.raw)
-    b.check_fields(body, ("owner", "scope", "period", "limit", "mode", "tz"), required=("owner", "period", "limit"))
+    b.check_fields(
+        body, ("owner", "scope", "period", "limit", "mode", "tz"), required=("owner", "period", "limit")
+    )
     owner = b.text(body, "owner", max_len=200)
     assert owner is not None
     scope = check_scope(body.get("scope") or "all")
@@ -160,11 +168,22 @@ def add_cap(authority: Authority, req: Incoming) -> tuple[int, Any]:
         return 201, authority.budget(f"{head}/{period}")
     # a session cap has one window per session and none is current: describe the cap
     return 201, {
-        "id": f"{head}/session", "kind": "cap", "owner": owner, "scope": scope, "limit": format_nanos(limit),
-        "spent": "0.00", "reserved": "0.00", "remaining": format_nanos(limit), "used": "0.00",
-        "currency": authority.currency, "period": period, "mode": mode, "tz": None,
-        "window_start": None, "window_end": None,
-    }  # fmt: skip
+        "id": f"{head}/session",
+        "kind": "cap",
+        "owner": owner,
+        "scope": scope,
+        "limit": format_nanos(limit),
+        "spent": "0.00",
+        "reserved": "0.00",
+        "remaining": format_nanos(limit),
+        "used": "0.00",
+        "currency": authority.currency,
+        "period": period,
+        "mode": mode,
+        "tz": None,
+        "window_start": None,
+        "window_end": None,
+    }
 
 
 # ---------------------------------------------------------------- ledger and audit
@@ -173,9 +192,12 @@ def add_cap(authority: Authority, req: Incoming) -> tuple[int, Any]:
 def ledger(authority: Authority, req: Incoming) -> tuple[int, Any]:
     q = req.query
     entries = authority.ledger(
-        agent=query_text(q, "agent"), connector=query_text(q, "connector"), since=query_time(q, "since"),
-        until=query_time(q, "until"), limit=query_int(q, "limit", default=1000, low=1, high=MAX_PAGE),
-    )  # fmt: skip
+        agent=query_text(q, "agent"),
+        connector=query_text(q, "connector"),
+        since=query_time(q, "since"),
+        until=query_time(q, "until"),
+        limit=query_int(q, "limit", default=1000, low=1, high=MAX_PAGE),
+    )
     return 200, {"entries": entries}
 
 

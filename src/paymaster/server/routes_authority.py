@@ -25,9 +25,18 @@ TASK_HEADER = "x-paymaster-task"
 MAX_KEY = 256
 
 RESERVE_FIELDS = (
-    "agent_id", "principal", "connector", "amount", "usage_estimate", "session", "task",
-    "ttl_seconds", "input_hash", "idempotency_key", "metadata",
-)  # fmt: skip
+    "agent_id",
+    "principal",
+    "connector",
+    "amount",
+    "usage_estimate",
+    "session",
+    "task",
+    "ttl_seconds",
+    "input_hash",
+    "idempotency_key",
+    "metadata",
+)
 
 
 def idempotency_key(body: dict[str, Any], headers: Headers, *, required: bool) -> str | None:
@@ -56,7 +65,9 @@ def _agreed(name: str, in_body: str | None, in_header: str | None, in_token: str
     return None if value is None else check_id(value, name)
 
 
-def parse_reserve(authority: Authority, body: dict[str, Any], headers: Headers, caller: Caller) -> ReserveRequest:
+def parse_reserve(
+    authority: Authority, body: dict[str, Any], headers: Headers, caller: Caller
+) -> ReserveRequest:
     b.check_fields(body, RESERVE_FIELDS, required=("connector",))
     agent_id = b.text(body, "agent_id", max_len=MAX_KEY)
     principal = b.text(body, "principal", max_len=MAX_KEY)
@@ -71,8 +82,9 @@ def parse_reserve(authority: Authority, body: dict[str, Any], headers: Headers, 
     elif principal is not None:
         check_principal_name(principal)
     claims = caller.claims
-    session = _agreed("session", b.ident(body, "session"), headers.get(SESSION_HEADER),
-                      claims.session if claims else None)  # fmt: skip
+    session = _agreed(
+        "session", b.ident(body, "session"), headers.get(SESSION_HEADER), claims.session if claims else None
+    )
     task = _agreed("task", b.ident(body, "task"), headers.get(TASK_HEADER), claims.task if claims else None)
     ttl_max = authority.settings.reservation_ttl_max
     return ReserveRequest(
@@ -119,6 +131,16 @@ def _usage_quantity(usage: dict[str, Any] | None) -> tuple[str | None, str | Non
     return str(tokens), "tokens"
 
 
+def _usage_cost(authority: Authority, reservation_id: str, usage: dict[str, Any]) -> int | None:
+    """What reported usage costs on the reservation's connector; None when it cannot be
+    priced (then the hold is charged, flagged ``estimated``)."""
+    if authority.pricer is None:
+        return None
+    connector = authority.settings.connector(authority.query_reservation(reservation_id)["connector"])
+    cost: int | None = authority.pricer.actual_cost(connector, usage, now=authority.clock())
+    return cost
+
+
 def commit(authority: Authority, req: Incoming) -> tuple[int, Any]:
     caller = _settler(authority, req)
     body = b.parse_object(req.raw)
@@ -127,11 +149,21 @@ def commit(authority: Authority, req: Incoming) -> tuple[int, Any]:
     usage = b.usage_object(body, "usage", actual=True)
     key = idempotency_key(body, req.headers, required=True)
     quantity, unit = _usage_quantity(usage)
+    reservation_id = req.param("id")
+    estimated = False
+    if amount is None and usage is not None:
+        amount = _usage_cost(authority, reservation_id, usage)
+        estimated = amount is None
     return 200, authority.commit(
-        req.param("id"), amount=amount, caller=caller, idempotency_key=key, body=body,
-        # usage the authority cannot price is charged at the hold, flagged estimated
-        estimated=amount is None and usage is not None, quantity=quantity, unit=unit,
-    )  # fmt: skip
+        reservation_id,
+        amount=amount,
+        caller=caller,
+        idempotency_key=key,
+        body=body,
+        estimated=estimated,
+        quantity=quantity,
+        unit=unit,
+    )
 
 
 def release(authority: Authority, req: Incoming) -> tuple[int, Any]:
@@ -153,12 +185,17 @@ def get_reservation(authority: Authority, req: Incoming) -> tuple[int, Any]:
 def refund(authority: Authority, req: Incoming) -> tuple[int, Any]:
     require_admin(authority, req.headers)
     body = b.parse_object(req.raw)
-    b.check_fields(body, ("ledger_entry_id", "amount", "reason", "idempotency_key"),
-                   required=("ledger_entry_id", "amount", "reason"))  # fmt: skip
+    b.check_fields(
+        body,
+        ("ledger_entry_id", "amount", "reason", "idempotency_key"),
+        required=("ledger_entry_id", "amount", "reason"),
+    )
     entry = b.text(body, "ledger_entry_id", max_len=MAX_KEY)
     amount = b.money(body, "amount", allow_zero=False)
     reason = b.text(body, "reason")
-    assert entry is not None and amount is not None and reason is not None
+    assert entry is not None
+    assert amount is not None
+    assert reason is not None
     key = idempotency_key(body, req.headers, required=True)
     return 201, authority.refund(entry, amount, reason, key, body=body)
 

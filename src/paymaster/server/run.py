@@ -44,11 +44,20 @@ def serve(
     host = host or settings.host
     port = port if port is not None else settings.port
     workers = max(1, workers or settings.workers)
-    common = {"host": host, "port": port, "loop": "uvloop", "http": "httptools", "lifespan": "on"}
     if workers == 1:
-        uvicorn.run(create_app(open_authority(settings)), **common)  # type: ignore[arg-type]
+        app = create_app(open_authority(settings))
+        uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools", lifespan="on")
         return
     # Migrate and make the signing key once, before the workers race to do it.
     open_authority(settings).store.close()
     export_settings(settings)
-    uvicorn.run(APP_FACTORY, factory=True, workers=workers, **common)  # type: ignore[arg-type]
+    uvicorn.run(
+        APP_FACTORY,
+        factory=True,
+        workers=workers,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+    )

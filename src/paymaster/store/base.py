@@ -15,6 +15,8 @@ from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
+from paymaster.core.audit import Head
+
 T = TypeVar("T")
 
 Row = Mapping[str, Any]
@@ -76,6 +78,15 @@ class Store(Protocol):
 
     def close(self) -> None: ...
 
-    def events(self, after_seq: int = 0, limit: int | None = None) -> Iterator[dict[str, Any]]:
-        """The audit chain in order."""
+    def events(
+        self, after_seq: int = 0, limit: int | None = None, chain: str | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """The audit events in order: with ``chain``, that chain's events after seq ``after_seq``;
+        without, every event, ordered by time (then as written), the first ``after_seq`` skipped
+        (on a single chain both read the same)."""
+        ...
+
+    def chain_heads(self) -> list[Head]:
+        """The signed head of each audit chain (SQLite keeps one, ``main``; PostgreSQL one per
+        writer)."""
         ...

@@ -452,7 +452,10 @@ def _hold(tx: Tx, cmd: ReserveCommand, outbox: bool) -> Answer:
     denial: Answer | None = None
     try:
         with tx.savepoint():
-            present = [spec for spec in cmd.path if _ensure_budget(tx, spec, cmd.currency)]
+            # in id order: on PostgreSQL the upsert locks the row, so every writer takes them in one order
+            by_id = sorted(cmd.path, key=lambda s: s.id)
+            ensured = {s.id for s in by_id if _ensure_budget(tx, s, cmd.currency)}
+            present = [spec for spec in cmd.path if spec.id in ensured]
             if not any(spec.kind != "task" for spec in present):
                 denial = _error(
                     403,
@@ -751,6 +754,7 @@ def settle(
         200,
         {
             "reservation_id": res["id"],
+            "agent_id": res["agent_id"],
             "charged": format_nanos(amount),
             "released": format_nanos(released),
             "overrun": overrun,

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from paymaster.core.audit import GENESIS_HASH, build_event, event_hash, sign_head
+from paymaster.core.audit import GENESIS_HASH, MAIN_CHAIN, Head, build_event, event_hash, sign_head
 from paymaster.ids import new_id
 from paymaster.store.base import Params, Row, StoreUnavailable
 
@@ -325,7 +325,11 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"database read failed: {exc}") from exc
 
-    def events(self, after_seq: int = 0, limit: int | None = None) -> Iterator[dict[str, Any]]:
+    def events(
+        self, after_seq: int = 0, limit: int | None = None, chain: str | None = None
+    ) -> Iterator[dict[str, Any]]:
+        if chain not in (None, MAIN_CHAIN):
+            return  # one chain here
         conn = _connect(self.path)
         try:
             sql = "SELECT event FROM events WHERE seq > ? ORDER BY seq"
@@ -337,6 +341,31 @@ class SqliteStore:
                 yield json.loads(text)
         finally:
             conn.close()
+
+    def chain_heads(self) -> list[Head]:
+        row = self.read(lambda tx: tx.one("SELECT seq, hash, sig FROM audit_head WHERE id = 1"))
+        return [] if row is None else [Head(int(row["seq"]), str(row["hash"]), str(row["sig"]), MAIN_CHAIN)]
+
+    def audit_snapshot(
+        self,
+    ) -> tuple[list[tuple[str, Head | None, Iterator[dict[str, Any]]]], int]:
+        """The chain, its signed head and the number of events, as of one instant (one read
+        transaction, held until the events are read), so that a verification beside live
+        writes never sees events that its head does not cover yet."""
+        conn = _connect(self.path)
+        conn.execute("BEGIN")
+        row = conn.execute("SELECT seq, hash, sig FROM audit_head WHERE id = 1").fetchone()
+        (total,) = conn.execute("SELECT COUNT(*) FROM events").fetchone()
+
+        def stream() -> Iterator[dict[str, Any]]:
+            try:
+                for (text,) in conn.execute("SELECT event FROM events ORDER BY seq"):
+                    yield json.loads(text)
+            finally:
+                conn.close()
+
+        head = None if row is None else Head(int(row[0]), str(row[1]), str(row[2]), MAIN_CHAIN)
+        return [(MAIN_CHAIN, head, stream())], int(total)
 
     def close(self) -> None:
         if self._closed:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -14,11 +14,19 @@ from paymaster.cli import render
 from paymaster.cli.commands import common
 from paymaster.errors import InvalidRequest
 from paymaster.money import format_nanos
-from paymaster.sdk.keys import AgentKey
 
-app = typer.Typer(help="Register agents and pause, resume or revoke them.", no_args_is_help=True)
+if TYPE_CHECKING:
+    from paymaster.sdk.keys import AgentKey
+
+app = typer.Typer(
+    help="Register agents and pause, resume or revoke them.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
 keys_app = typer.Typer(
-    help="Service keys for trusted services (gateways, LiteLLM hooks).", no_args_is_help=True
+    help="Service keys for trusted services (gateways, LiteLLM hooks).",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
 )
 
 AgentArg = Annotated[str, typer.Argument(metavar="AGENT", help="Agent id (ag_…) or unique name.")]
@@ -66,6 +74,10 @@ def create(
     with common.opened(settings) as authority:
         written: Path | None = None
         if key_out is not None:
+            # Imported here: the SDK package brings httpx and its clients, which only the
+            # commands that make a key need; every other command starts faster without them.
+            from paymaster.sdk.keys import AgentKey
+
             key = AgentKey.generate()
             _write_key(key, key_out)
             written, public_key = key_out, key.public_key

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -14,7 +14,9 @@ from paymaster.cli import render
 from paymaster.cli.commands import common
 from paymaster.errors import SpendDenied
 from paymaster.money import parse_nanos
-from paymaster.sdk.keys import AgentKey
+
+if TYPE_CHECKING:
+    from paymaster.sdk.keys import AgentKey
 
 WALLET = "5.00"
 DAILY_CAP = "1.00"
@@ -51,12 +53,14 @@ def demo(
         else:
             settings = common.settings(db, config)
         with common.opened(settings) as authority:
-            report = _run(authority, settings.db_url, calls, json)
+            report = _run(authority, settings.db_url, db is None, calls, json)
     if json:
         render.json_out(report)
 
 
-def _run(authority: Authority, db_url: str, calls: int, quiet: bool) -> dict[str, Any]:
+def _run(authority: Authority, db_url: str, temporary: bool, calls: int, quiet: bool) -> dict[str, Any]:
+    from paymaster.sdk.keys import AgentKey  # the SDK package is slow to import; only the demo needs it
+
     key = AgentKey.generate()
     agent = authority.create_agent(
         "runaway-researcher",
@@ -67,7 +71,7 @@ def _run(authority: Authority, db_url: str, calls: int, quiet: bool) -> dict[str
     agent_id = agent["id"]
     authority.fund(agent_id, parse_nanos(WALLET))
     if not quiet:
-        render.demo_intro(agent, db_url, DAILY_CAP, WALLET, HOLD)
+        render.demo_intro(agent, db_url, temporary, DAILY_CAP, WALLET, HOLD)
     results: list[dict[str, Any]] = []
     for n in range(1, calls + 1):
         result = _call(authority, key, agent_id, n)
@@ -82,10 +86,24 @@ def _run(authority: Authority, db_url: str, calls: int, quiet: bool) -> dict[str
     if not quiet:
         wallet = next(b for b in view["budgets"] if b["period"] == "total")
         render.demo_stopped(len(results), wallet["spent"], DAILY_CAP)
-        render.ledger_table(ledger, {wallet["currency"]: wallet["spent"]}, title="final ledger")
+        render.ledger_table(
+            ledger,
+            {wallet["currency"]: wallet["spent"]},
+            {agent_id: agent["name"]},
+            title="final ledger",
+            ids=False,
+        )
         render.budgets(authority.get_agent(agent_id), view)
         render.audit(audit)
-    return {"db": db_url, "agent": agent, "calls": results, "ledger": ledger, "status": view, "audit": audit}
+    return {
+        "db": db_url,
+        "temporary": temporary,
+        "agent": agent,
+        "calls": results,
+        "ledger": ledger,
+        "status": view,
+        "audit": audit,
+    }
 
 
 def _call(authority: Authority, key: AgentKey, agent_id: str, n: int) -> dict[str, Any]:

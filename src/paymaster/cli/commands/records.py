@@ -19,8 +19,10 @@ from paymaster.errors import InvalidRequest
 from paymaster.money import format_nanos, parse_nanos
 from paymaster.reports import focus
 
-audit_app = typer.Typer(help="The signed, hash-chained audit log.", no_args_is_help=True)
-report_app = typer.Typer(help="Cost reports.", no_args_is_help=True)
+audit_app = typer.Typer(
+    help="The signed, hash-chained audit log.", no_args_is_help=True, rich_markup_mode="markdown"
+)
+report_app = typer.Typer(help="Cost reports.", no_args_is_help=True, rich_markup_mode="markdown")
 
 # `audit verify` found the chain broken: distinct from bad input (2) and an unavailable
 # database (1), so a cron job can tell tampering from a typo.
@@ -57,12 +59,14 @@ def ledger(
     with common.opened(common.settings(db, config)) as authority:
         agent_id = common.resolve_agent(authority, agent) if agent is not None else None
         entries = authority.ledger(agent=agent_id, connector=connector, since=start, until=end, limit=limit)
+        table = not json and fmt is LedgerFormat.table
+        names = {a["id"]: a["name"] for a in authority.list_agents()} if table else {}
     if json or fmt is LedgerFormat.json:
         render.json_out({"entries": entries})
     elif fmt is LedgerFormat.csv:
         render.raw_out(_ledger_csv(entries))
     else:
-        render.ledger_table(entries, net_totals(entries))
+        render.ledger_table(entries, net_totals(entries), names)
 
 
 def net_totals(entries: Sequence[Mapping[str, Any]]) -> dict[str, str]:

@@ -165,9 +165,12 @@ CREATE TABLE api_keys (
 
 -- The audit chains and their signed heads: one chain per writer (per replica process and
 -- writer thread), each sealed by its own head row, signed in the same transaction as its events.
+-- pos (a sequence: no lock held to commit) orders events of equal time in the merged view in the
+-- order they were written, so an operation's events follow those of the operations before it.
 CREATE TABLE events (
   chain TEXT NOT NULL,
   seq BIGINT NOT NULL,
+  pos BIGINT GENERATED ALWAYS AS IDENTITY,
   id TEXT NOT NULL UNIQUE,
   type TEXT NOT NULL,
   time TEXT NOT NULL,
@@ -176,7 +179,7 @@ CREATE TABLE events (
   event TEXT NOT NULL,
   PRIMARY KEY (chain, seq)
 );
-CREATE INDEX events_time ON events (time, chain, seq);
+CREATE INDEX events_time ON events (time, pos);
 CREATE TABLE audit_heads (
   chain TEXT PRIMARY KEY,
   seq BIGINT NOT NULL,
