@@ -862,8 +862,10 @@ class Authority:
 
     def verify_audit(self, against: str | None = None) -> VerifyResult:
         """Verify each audit chain against its own signed head (one chain on SQLite, one per
-        writer on PostgreSQL), and against the heads exported to ``against`` when given."""
-        heads = self.store.chain_heads()
+        writer on PostgreSQL), and against the heads exported to ``against`` when given. Safe
+        beside live writers: the sink is read first (so no exported head is newer than the
+        heads read next), each chain is read up to its head, and the events past the heads are
+        counted in one snapshot by the store."""
         sink_heads: list[Head] = []
         if against is not None:
             with open(against, encoding="utf-8") as fh:
@@ -883,15 +885,12 @@ class Authority:
             # heads, events and their count as of one instant: no false alarm beside live writes
             snap_chains, snap_total = snapshot()
             return verify_chains(snap_chains, [self.public_key], sink_heads=sink_heads, total_events=snap_total)
+        heads = self.store.chain_heads()
         chains: list[tuple[str, Head | None, Iterator[dict[str, Any]]]] = [
-            (h.chain, h, self.store.events(chain=h.chain)) for h in heads
-        ] or [(MAIN_CHAIN, None, self.store.events(chain=MAIN_CHAIN))]
-        total = self.store.read(lambda tx: tx.one("SELECT COUNT(*) AS n FROM events"))
+            (h.chain, h, self.store.events(chain=h.chain, limit=h.seq)) for h in heads
+        ] or [(MAIN_CHAIN, None, iter(()))]
         return verify_chains(
-            chains,
-            [self.public_key],
-            sink_heads=sink_heads,
-            total_events=int(total["n"]) if total is not None else None,
+            chains, [self.public_key], sink_heads=sink_heads, unsealed=self.store.unsealed_events()
         )
 
 

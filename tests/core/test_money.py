@@ -101,12 +101,31 @@ def test_anything_but_a_string_is_refused(value: Any) -> None:
 @pytest.mark.parametrize(
     "text",
     [
-        "NaN", "nan", "Infinity", "-Infinity", "inf",
-        "1e3", "1E3", "1.5e-3", "0x10",
+        "NaN",
+        "nan",
+        "Infinity",
+        "-Infinity",
+        "inf",
+        "1e3",
+        "1E3",
+        "1.5e-3",
+        "0x10",
         "1.0000000001",  # ten decimals
         "0.0000000001",
-        " 1", "1 ", "1\n", "\t1", "1 000", "\u00a01",
-        "", ".", ".5", "5.", "+1", "--1", "1,5", "1.2.3",
+        " 1",
+        "1 ",
+        "1\n",
+        "\t1",
+        "1 000",
+        "\u00a01",
+        "",
+        ".",
+        ".5",
+        "5.",
+        "+1",
+        "--1",
+        "1,5",
+        "1.2.3",
         "١٢",  # digits, but not ASCII ones
         "1_000",
     ],
@@ -166,8 +185,11 @@ def test_ceil_div_needs_a_positive_denominator(denominator: int) -> None:
         ceil_div(1, denominator)
 
 
-@given(st.decimals(min_value=Decimal("-1e6"), max_value=Decimal("1e6"), allow_nan=False, allow_infinity=False,
-                   places=15))
+@given(
+    st.decimals(
+        min_value=Decimal("-1e6"), max_value=Decimal("1e6"), allow_nan=False, allow_infinity=False, places=15
+    )
+)
 def test_decimal_to_nanos_rounds_up(value: Decimal) -> None:
     result = decimal_to_nanos_ceil(value)
     exact = value * NANOS_PER_UNIT
@@ -198,7 +220,8 @@ def test_fraction_string_rounds_up(numerator: int, denominator: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "expected"), [((1, 3), "0.3334"), ((2, 4), "0.5"), ((91, 100), "0.91"), ((5, 5), "1"), ((0, 7), "0")]
+    ("args", "expected"),
+    [((1, 3), "0.3334"), ((2, 4), "0.5"), ((91, 100), "0.91"), ((5, 5), "1"), ((0, 7), "0")],
 )
 def test_fraction_string_examples(args: tuple[int, int], expected: str) -> None:
     assert fraction_string(*args) == expected

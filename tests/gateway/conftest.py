@@ -204,7 +204,9 @@ class Env:
     ) -> httpx.Response:
         sent = self.headers(agent, method, host, path, **(claims or {}))
         sent.update(headers or {})
-        return await self.client.request(method, f"/proxy/{host}{path}", json=json, content=content, headers=sent)
+        return await self.client.request(
+            method, f"/proxy/{host}{path}", json=json, content=content, headers=sent
+        )
 
     def reservation(self, response: httpx.Response) -> dict[str, Any]:
         return self.authority.query_reservation(response.headers["x-paymaster-reservation"])
@@ -215,7 +217,9 @@ class Env:
     def wallet_spent(self, agent: Agent) -> int:
         return parse_nanos(self.budget(f"{agent.id}/total")["spent"])
 
-    def task(self, limit: str, agents: list[Agent], parent: str | None = None, by: Agent | None = None) -> str:
+    def task(
+        self, limit: str, agents: list[Agent], parent: str | None = None, by: Agent | None = None
+    ) -> str:
         caller = Caller("agent", agent_id=by.id) if by is not None else Caller.admin()
         body: dict[str, Any] = {"limit": limit, "agents": [a.id for a in agents]}
         if parent is not None:

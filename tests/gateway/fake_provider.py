@@ -164,8 +164,8 @@ def build_app(recorder: Recorder) -> Starlette:
 
     async def embeddings(request: Request) -> Response:
         _, body = await record(request)
-        return JSONResponse({"object": "list", "model": body.get("model"), "data": [],
-                             "usage": {"prompt_tokens": EMBED_TOKENS, "total_tokens": EMBED_TOKENS}})  # fmt: skip
+        usage = {"prompt_tokens": EMBED_TOKENS, "total_tokens": EMBED_TOKENS}
+        return JSONResponse({"object": "list", "model": body.get("model"), "data": [], "usage": usage})
 
     async def messages(request: Request) -> Response:
         _, body = await record(request)
@@ -200,7 +200,7 @@ def build_app(recorder: Recorder) -> Starlette:
         return JSONResponse({"error": {"message": "boom"}}, status_code=500)
 
     async def cut(request: Request) -> Response:
-        _, body = await record(request)
+        await record(request)
 
         async def stream() -> AsyncIterator[bytes]:
             yield _sse({"id": "c1", "choices": [{"index": 0, "delta": {"content": "par"}}]})

@@ -50,7 +50,9 @@ async def test_concurrent_llm_streams_and_json_all_settle(env: Env) -> None:
     body = {"model": "gpt-test", "messages": [{"role": "user", "content": "x"}], "max_tokens": 20}
 
     async def one(i: int) -> httpx.Response:
-        return await env.call(agent, "POST", OPENAI, "/v1/chat/completions", json={**body, "stream": i % 2 == 0})
+        return await env.call(
+            agent, "POST", OPENAI, "/v1/chat/completions", json={**body, "stream": i % 2 == 0}
+        )
 
     responses = await asyncio.gather(*(one(i) for i in range(40)))
     assert all(r.status_code == 200 for r in responses)

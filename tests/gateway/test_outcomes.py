@@ -22,7 +22,12 @@ GPT_IN, GPT_OUT = 2500, 10_000  # nanos per token: 2.50 and 10.00 per million
 
 
 def chat_body(**extra: Any) -> dict[str, Any]:
-    return {"model": "gpt-test", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 100, **extra}
+    return {
+        "model": "gpt-test",
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 100,
+        **extra,
+    }
 
 
 def gpt_cost(prompt: int = PROMPT_TOKENS, completion: int = COMPLETION_TOKENS) -> int:
@@ -88,7 +93,12 @@ def claude_cost() -> int:
 
 async def test_anthropic_stream_charged_from_start_and_last_delta(env: Env) -> None:
     agent = env.agent()
-    body = {"model": "claude-test", "max_tokens": 200, "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    body = {
+        "model": "claude-test",
+        "max_tokens": 200,
+        "stream": True,
+        "messages": [{"role": "user", "content": "x"}],
+    }
     r = await env.call(agent, "POST", ANTHROPIC, "/v1/messages", json=body)
     assert r.status_code == 200
     assert "event: message_stop" in r.text
@@ -209,9 +219,34 @@ async def test_client_sdk_stream_parses_through_gateway(env: Env) -> None:
     agent = env.agent()
     headers = env.headers(agent, "POST", OPENAI, CHAT)
     events: list[str] = []
-    async with env.client.stream("POST", f"/proxy/{OPENAI}{CHAT}", json=chat_body(stream=True), headers=headers) as r:
+    async with env.client.stream(
+        "POST", f"/proxy/{OPENAI}{CHAT}", json=chat_body(stream=True), headers=headers
+    ) as r:
         async for line in r.aiter_lines():
             if line.startswith("data: "):
                 events.append(line[6:])
     assert events[-1] == "[DONE]"
     assert isinstance(httpx.Response(200), httpx.Response)
+
+
+async def test_no_hold_is_left_behind_whatever_the_outcome(env: Env) -> None:
+    agent = env.agent()
+    calls = [
+        ("POST", OPENAI, CHAT, chat_body()),
+        ("POST", OPENAI, CHAT, chat_body(stream=True)),
+        ("POST", OPENAI, "/v1/cut/chat/completions", chat_body(stream=True)),
+        ("POST", OPENAI, "/v1/fail/usage", chat_body()),
+        ("POST", OPENAI, "/v1/fail/plain", chat_body()),
+        ("GET", KG, "/redirect", None),
+        ("GET", DOWN, "/x", None),
+        ("GET", COST, "/cost", None),
+    ]
+    statuses = {"committed", "released"}
+    for method, host, path, body in calls:
+        r = await env.call(agent, method, host, path, json=body)
+        assert env.reservation(r)["status"] in statuses
+    wallet = env.budget(f"{agent.id}/total")
+    assert parse_nanos(wallet["reserved"]) == 0
+    assert parse_nanos(wallet["spent"]) == sum(
+        parse_nanos(e["total"]) for e in env.authority.ledger(agent=agent.id)
+    )

@@ -43,7 +43,12 @@ async def wait_settled(env: Env, reservation_id: str, timeout: float = 10.0) -> 
 async def test_client_disconnect_mid_stream_still_charges_the_usage(env: Env, served: ServerThread) -> None:
     agent = env.agent()
     path = "/v1/slow/chat/completions"
-    body = {"model": "gpt-test", "messages": [{"role": "user", "content": "x"}], "max_tokens": 50, "stream": True}
+    body = {
+        "model": "gpt-test",
+        "messages": [{"role": "user", "content": "x"}],
+        "max_tokens": 50,
+        "stream": True,
+    }
     headers = env.headers(agent, "POST", OPENAI, path)
     async with httpx.AsyncClient(base_url=served.url) as client:
         async with client.stream("POST", f"/proxy/{OPENAI}{path}", json=body, headers=headers) as r:
@@ -62,7 +67,12 @@ async def test_client_disconnect_mid_stream_still_charges_the_usage(env: Env, se
 async def test_client_disconnect_then_stream_cut_charges_the_hold(env: Env, served: ServerThread) -> None:
     agent = env.agent()
     path = "/v1/slowcut/chat/completions"
-    body = {"model": "gpt-test", "messages": [{"role": "user", "content": "x"}], "max_tokens": 50, "stream": True}
+    body = {
+        "model": "gpt-test",
+        "messages": [{"role": "user", "content": "x"}],
+        "max_tokens": 50,
+        "stream": True,
+    }
     headers = env.headers(agent, "POST", OPENAI, path)
     async with httpx.AsyncClient(base_url=served.url) as client:
         async with client.stream("POST", f"/proxy/{OPENAI}{path}", json=body, headers=headers) as r:
@@ -94,3 +104,16 @@ async def test_governed_httpx_client_end_to_end(env: Env, served: ServerThread) 
         assert r.status_code == 402
         assert r.json()["error"]["code"] == "balance_insufficient"
     assert env.provider.count == 3
+
+
+async def test_sync_governed_httpx_client(env: Env, served: ServerThread) -> None:
+    agent = env.agent()
+
+    def call() -> httpx.Response:
+        with paymaster.governed_httpx_client(served.url, agent_id=agent.id, key=agent.key) as http:
+            return http.get(f"https://{KG}/kg/query", params={"q": "sync"})
+
+    r = await asyncio.to_thread(call)
+    assert r.status_code == 200
+    assert r.headers["x-paymaster-charged"] == "0.10"
+    assert env.provider.requests[0].query == "q=sync"

@@ -76,7 +76,11 @@ async def test_scenario_b_injected_premium_routing_stops_at_the_connector_cap(en
 
 
 async def test_scenario_c_delegation_chain_never_exceeds_the_root_task(env: Env) -> None:
-    orchestrator, researcher, checker = env.agent(fund="50.00"), env.agent(fund="50.00"), env.agent(fund="50.00")
+    orchestrator, researcher, checker = (
+        env.agent(fund="50.00"),
+        env.agent(fund="50.00"),
+        env.agent(fund="50.00"),
+    )
     root = env.task("0.35", [orchestrator])
     # each level re-delegates with a budget of its own; the root's limit binds them all
     child = env.task("0.30", [researcher], parent=root, by=orchestrator)
@@ -117,7 +121,9 @@ async def test_scenario_c_sub_task_spend_is_debited_from_every_ancestor(env: Env
         assert parse_nanos(env.budget(budget)["spent"]) == amount
     # the grandchild's own limit binds it too: 0.20 in all
     results = [
-        (await env.call(checker, "GET", KG, f"/kg/query?q={i}", headers={"x-paymaster-task": grandchild})).status_code
+        (
+            await env.call(checker, "GET", KG, f"/kg/query?q={i}", headers={"x-paymaster-task": grandchild})
+        ).status_code
         for i in range(3)
     ]
     assert results == [200, 402, 402]

@@ -18,7 +18,16 @@ from .conftest import FAKE_ANTHROPIC_KEY, FAKE_KEY, GBP, GEO, KG, OPENAI, TRANSL
 
 pytestmark = pytest.mark.anyio
 
-DENIAL_FIELDS = {"code", "message", "decision_id", "budget_id", "requested", "remaining", "currency", "retryable"}
+DENIAL_FIELDS = {
+    "code",
+    "message",
+    "decision_id",
+    "budget_id",
+    "requested",
+    "remaining",
+    "currency",
+    "retryable",
+}
 CHAT = "/v1/chat/completions"
 
 
@@ -90,7 +99,9 @@ async def test_agent_never_holds_the_key_even_when_upstream_echoes_it(env: Env) 
         ("/proxy/kg.example.test/kg/%2E%2E/x", 422, "invalid_request"),
     ],
 )
-async def test_ssrf_targets_refused_without_upstream_call(env: Env, raw_path: str, status: int, code: str) -> None:
+async def test_ssrf_targets_refused_without_upstream_call(
+    env: Env, raw_path: str, status: int, code: str
+) -> None:
     agent = env.agent()
     raw_host = raw_path.split("/")[2]
     token = agent.key.sign(agent_id=agent.id, aud=raw_host)
@@ -361,3 +372,14 @@ async def test_every_method_is_gated(env: Env) -> None:
         r = await env.call(agent, method, KG, "/kg/query")
         assert_denied(r, 403, "no_budget_configured")
     assert env.provider.count == 0
+
+
+async def test_replayed_key_after_a_policy_change_is_not_sent_again(env: Env) -> None:
+    agent = env.agent()
+    key = {"x-paymaster-idempotency-key": uuid.uuid4().hex}
+    r = await env.call(agent, "GET", KG, "/kg/query", headers=key)
+    assert r.status_code == 200
+    env.authority.set_agent_policy(agent.id, {"connectors": ["geocode"]})
+    r = await env.call(agent, "GET", KG, "/kg/query", headers=key)
+    assert_denied(r, 409, "idempotency_conflict")
+    assert env.provider.count == 1

@@ -7,8 +7,10 @@ by tests/ledger/test_crash.py.
 Its clock is ``--start`` plus the time it has run. Every acknowledged verb (the store
 committed it) is appended to ``--log`` as one line, with a single ``write`` so that a kill
 never leaves half a line: ``R res`` reserve, ``C res entry amount`` commit, ``X res``
-release, ``F entry amount refund`` refund, ``S res`` request sent. It prints ``ready`` once
-its authority is open, and runs until it is killed.
+release, ``F entry amount refund`` refund, ``S res`` request sent, ``D code`` a denied
+reserve, ``U agent amount`` a wallet funded. The log is a lower bound: a verb may commit
+just before the kill and never reach it. It prints ``ready`` once its authority is open,
+and runs until it is killed.
 """
 
 from __future__ import annotations
@@ -39,17 +41,26 @@ class Log:
 
 def storm(authority: Authority, agents: list[str], rng: random.Random, log: Log) -> None:
     """Reserve, then commit (less, equal or more), release, or abandon the hold; now and
-    then mark the request sent, or refund part of an earlier charge."""
+    then mark the request sent, refund part of an earlier charge, or top a wallet up."""
     charges: list[tuple[str, int]] = []
     admin = Caller.admin()
     while True:
         agent = rng.choice(agents)
+        if rng.random() < 0.05:
+            authority.fund(agent, 200 * CENT)
+            log.write("U", agent, 200 * CENT)
         amount = rng.randint(1, 60) * CENT
-        request = ReserveRequest(connector=rng.choice(["llm", "tool"]), idempotency_key=None, agent_id=agent,
-                                 amount=amount, ttl_seconds=rng.choice([30, 300, 3600]))
+        request = ReserveRequest(
+            connector=rng.choice(["llm", "tool"]),
+            idempotency_key=None,
+            agent_id=agent,
+            amount=amount,
+            ttl_seconds=rng.choice([30, 300, 3600]),
+        )
         try:
             res = authority.reserve(request, Caller("agent", agent_id=agent))
-        except SpendDenied:
+        except SpendDenied as denied:
+            log.write("D", denied.code)
             continue
         rid = res["reservation_id"]
         log.write("R", rid)
@@ -59,7 +70,9 @@ def storm(authority: Authority, agents: list[str], rng: random.Random, log: Log)
         roll = rng.random()
         try:
             if roll < 0.55:
-                charge = rng.choice([amount * rng.randint(0, 99) // 100, amount, amount + rng.randint(1, 30) * CENT])
+                charge = rng.choice(
+                    [amount * rng.randint(0, 99) // 100, amount, amount + rng.randint(1, 30) * CENT]
+                )
                 out = authority.commit(rid, amount=charge, caller=admin)
                 log.write("C", rid, out["ledger_entry_id"], charge)
                 if charge:
@@ -104,7 +117,9 @@ def main(argv: list[str]) -> int:
             errors.append(exc)
             raise
 
-    threads = [threading.Thread(target=run, args=(args.seed * 100 + i,), daemon=True) for i in range(args.threads)]
+    threads = [
+        threading.Thread(target=run, args=(args.seed * 100 + i,), daemon=True) for i in range(args.threads)
+    ]
     for t in threads:
         t.start()
     print("ready", flush=True)

@@ -134,8 +134,10 @@ class PgDatabases:
         self._wanted = threading.Semaphore(self.AHEAD)
         self._drops: queue.Queue[str | None] = queue.Queue()
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._create, name="pm-test-create", daemon=True),
-                         threading.Thread(target=self._drop, name="pm-test-drop", daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._create, name="pm-test-create", daemon=True),
+            threading.Thread(target=self._drop, name="pm-test-drop", daemon=True),
+        ]
         for t in self._threads:
             t.start()
 
@@ -255,7 +257,10 @@ def make_authority(backend: Backend, tmp_path: Path) -> Iterator[AuthorityFactor
     home = tmp_path / "home"
 
     def make(
-        *, clock: Callable[[], datetime] | None = None, url: str | None = None, env: Mapping[str, str] | None = None
+        *,
+        clock: Callable[[], datetime] | None = None,
+        url: str | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> Authority:
         settings = settings_for(url or backend.url, home, env)
         authority = open_authority(settings, clock=clock or FakeClock())
@@ -315,24 +320,45 @@ class Ledger:
         ttl: int | None = None,
         request_sent: bool = False,
     ) -> ReserveRequest:
-        body = {"agent_id": agent_id, "connector": connector, "amount": amount, "session": session,
-                "task": task, "ttl_seconds": ttl}
+        body = {
+            "agent_id": agent_id,
+            "connector": connector,
+            "amount": amount,
+            "session": session,
+            "task": task,
+            "ttl_seconds": ttl,
+        }
         return ReserveRequest(
-            connector=connector, idempotency_key=key, agent_id=agent_id, amount=n(amount), session=session,
-            task=task, ttl_seconds=ttl, body_hash=body_hash(body), request_sent=request_sent,
+            connector=connector,
+            idempotency_key=key,
+            agent_id=agent_id,
+            amount=n(amount),
+            session=session,
+            task=task,
+            ttl_seconds=ttl,
+            body_hash=body_hash(body),
+            request_sent=request_sent,
         )
 
     def reserve(self, agent_id: str, amount: str, **kwargs: Any) -> dict[str, Any]:
-        return self.authority.reserve(self.request(agent_id, amount, **kwargs), Caller("agent", agent_id=agent_id))
+        return self.authority.reserve(
+            self.request(agent_id, amount, **kwargs), Caller("agent", agent_id=agent_id)
+        )
 
     def reserve_answer(self, agent_id: str, amount: str, **kwargs: Any) -> Answer:
-        return self.authority.reserve_answer(self.request(agent_id, amount, **kwargs),
-                                             Caller("agent", agent_id=agent_id))
+        return self.authority.reserve_answer(
+            self.request(agent_id, amount, **kwargs), Caller("agent", agent_id=agent_id)
+        )
 
-    def commit(self, reservation_id: str, amount: str | None = None, *, key: str | None = None) -> dict[str, Any]:
+    def commit(
+        self, reservation_id: str, amount: str | None = None, *, key: str | None = None
+    ) -> dict[str, Any]:
         return self.authority.commit(
-            reservation_id, amount=None if amount is None else n(amount), caller=Caller.admin(),
-            idempotency_key=key, body={"amount": amount},
+            reservation_id,
+            amount=None if amount is None else n(amount),
+            caller=Caller.admin(),
+            idempotency_key=key,
+            body={"amount": amount},
         )
 
     def release(self, reservation_id: str) -> dict[str, Any]:
@@ -348,7 +374,8 @@ class Ledger:
     def state(self, budget_id: str) -> tuple[int, int, int]:
         """(limit, spent, reserved) in nanos, straight from the store; zeros when absent."""
         row = self.authority.store.read(
-            lambda tx: tx.one("SELECT limit_n, spent_n, reserved_n FROM budgets WHERE id = ?", (budget_id,)))
+            lambda tx: tx.one("SELECT limit_n, spent_n, reserved_n FROM budgets WHERE id = ?", (budget_id,))
+        )
         if row is None:
             return (0, 0, 0)
         return int(row["limit_n"]), int(row["spent_n"]), int(row["reserved_n"])
@@ -388,24 +415,52 @@ class Snapshot:
     ledger: dict[str, dict[str, Any]]
     terminal_events: Counter[str]
     allowed_events: int
+    denied_events: int
 
 
 def snapshot(authority: Authority) -> Snapshot:
     """Budgets, reservations, ledger entries and settle events, read in one transaction."""
 
     def read(tx: Tx) -> Snapshot:
-        budgets = {str(r["id"]): dict(r) for r in tx.all(
-            "SELECT id, kind, mode, limit_n, spent_n, reserved_n FROM budgets")}
-        reservations = {str(r["id"]): dict(r) for r in tx.all(
-            "SELECT id, status, amount_n, charged_n, estimated, overrun, budgets, ledger_entry_id, settled_at"
-            " FROM reservations")}
-        entries = {str(r["id"]): dict(r) for r in tx.all(
-            "SELECT id, kind, total_n, refunded_n, refund_of, reservation_id, budgets, estimated, overrun"
-            " FROM ledger")}
-        terminal = Counter(str(r["subject"]) for r in tx.all(
-            "SELECT subject FROM events WHERE type IN (?, ?, ?)", TERMINAL_EVENTS))
-        allowed = tx.one("SELECT COUNT(*) AS n FROM events WHERE type = ?", ("dev.paymaster.reservation.allowed",))
-        return Snapshot(budgets, reservations, entries, terminal, int(allowed["n"]) if allowed else 0)
+        budgets = {
+            str(r["id"]): dict(r)
+            for r in tx.all("SELECT id, kind, mode, limit_n, spent_n, reserved_n FROM budgets")
+        }
+        reservations = {
+            str(r["id"]): dict(r)
+            for r in tx.all(
+                "SELECT id, status, amount_n, charged_n, estimated, overrun, request_sent, budgets,"
+                " ledger_entry_id, settled_at FROM reservations"
+            )
+        }
+        entries = {
+            str(r["id"]): dict(r)
+            for r in tx.all(
+                "SELECT id, kind, total_n, refunded_n, refund_of, reservation_id, budgets, estimated, overrun"
+                " FROM ledger"
+            )
+        }
+        terminal = Counter(
+            str(r["subject"])
+            for r in tx.all("SELECT subject FROM events WHERE type IN (?, ?, ?)", TERMINAL_EVENTS)
+        )
+        counts = Counter(
+            {
+                str(r["type"]): int(r["n"])
+                for r in tx.all(
+                    "SELECT type, COUNT(*) AS n FROM events WHERE type IN (?, ?) GROUP BY type",
+                    ("dev.paymaster.reservation.allowed", "dev.paymaster.reservation.denied"),
+                )
+            }
+        )
+        return Snapshot(
+            budgets,
+            reservations,
+            entries,
+            terminal,
+            counts["dev.paymaster.reservation.allowed"],
+            counts["dev.paymaster.reservation.denied"],
+        )
 
     return authority.store.read(read)
 
@@ -445,8 +500,10 @@ def check_invariants(authority: Authority, *, excused: Collection[str] = (), ver
             problems.append(f"{budget_id}: reserved {b_reserved} but its holds sum to {reserved[budget_id]}")
         if b["mode"] == "enforce" and budget_id not in excused:
             if b_spent + b_reserved > limit + overrun_allowance[budget_id]:
-                problems.append(f"{budget_id}: spent {b_spent} + reserved {b_reserved} > limit {limit}"
-                                f" (+{overrun_allowance[budget_id]} of overruns)")
+                problems.append(
+                    f"{budget_id}: spent {b_spent} + reserved {b_reserved} > limit {limit}"
+                    f" (+{overrun_allowance[budget_id]} of overruns)"
+                )
     for budget_id in set(spent) | set(reserved):
         if budget_id not in snap.budgets and (spent[budget_id] or reserved[budget_id]):
             problems.append(f"{budget_id}: has ledger entries or holds but no budget row")
@@ -461,15 +518,22 @@ def check_invariants(authority: Authority, *, excused: Collection[str] = (), ver
             problems.append(f"{res_id}: {status} with {events} settle events")
         entry_id = res["ledger_entry_id"]
         if status == "committed" or (status == "expired" and entry_id is not None):
-            entry = snap.ledger.get(str(entry_id))
-            if entry is None or int(entry["total_n"]) != int(res["charged_n"]) or entry["reservation_id"] != res_id:
-                problems.append(f"{res_id}: {status}, but its ledger entry {entry_id} does not match its charge")
+            charge = snap.ledger.get(str(entry_id))
+            if (
+                charge is None
+                or int(charge["total_n"]) != int(res["charged_n"])
+                or charge["reservation_id"] != res_id
+            ):
+                problems.append(
+                    f"{res_id}: {status}, but its ledger entry {entry_id} does not match its charge"
+                )
             if status == "expired" and not int(res["estimated"]):
                 problems.append(f"{res_id}: charged on expiry but not flagged estimated")
         elif entry_id is not None or int(res["charged_n"] or 0) != 0:
             problems.append(f"{res_id}: {status} but charged")
     charges_per_reservation = Counter(
-        str(e["reservation_id"]) for e in snap.ledger.values() if e["kind"] == "charge")
+        str(e["reservation_id"]) for e in snap.ledger.values() if e["kind"] == "charge"
+    )
     problems += [f"{r}: {k} charges" for r, k in charges_per_reservation.items() if k != 1]
     refunds: Counter[str] = Counter()
     for entry in snap.ledger.values():
@@ -479,8 +543,10 @@ def check_invariants(authority: Authority, *, excused: Collection[str] = (), ver
         if entry["kind"] != "charge":
             continue
         if not 0 <= int(entry["refunded_n"]) == refunds[entry_id] <= int(entry["total_n"]):
-            problems.append(f"{entry_id}: refunded {entry['refunded_n']} of {entry['total_n']},"
-                            f" refund entries {refunds[entry_id]}")
+            problems.append(
+                f"{entry_id}: refunded {entry['refunded_n']} of {entry['total_n']},"
+                f" refund entries {refunds[entry_id]}"
+            )
     assert not problems, "ledger invariants broken:\n" + "\n".join(problems)
     if verify:
         result = authority.verify_audit()

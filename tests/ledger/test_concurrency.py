@@ -25,8 +25,9 @@ AMOUNT = n("0.25")
 N = 40  # the wallet (or cap) holds exactly N reserves of AMOUNT
 
 
-def hammer(authority: Authority, agents: list[str], threads: int, attempts: int,
-           start: Callable[[], Any]) -> Counter[str]:
+def hammer(
+    authority: Authority, agents: list[str], threads: int, attempts: int, start: Callable[[], Any]
+) -> Counter[str]:
     """``threads`` real threads, released together, each making ``attempts`` reserves of
     AMOUNT for the agents in turn; counts the outcomes by code."""
     outcomes: Counter[str] = Counter()
@@ -69,8 +70,10 @@ def test_64_threads_get_exactly_what_one_wallet_holds(ledger: Ledger) -> None:
 
 
 def test_64_threads_of_many_agents_get_exactly_what_a_shared_parent_cap_holds(ledger: Ledger) -> None:
-    ledger.authority.put_principal("team-race", {"policy": {"caps": [
-        {"scope": "all", "period": "day", "limit": format_nanos(N * AMOUNT)}]}})
+    ledger.authority.put_principal(
+        "team-race",
+        {"policy": {"caps": [{"scope": "all", "period": "day", "limit": format_nanos(N * AMOUNT)}]}},
+    )
     agents = [ledger.agent(fund="100.00", parent="team-race") for _ in range(8)]
     barrier = threading.Barrier(64)
 
@@ -82,15 +85,25 @@ def test_64_threads_of_many_agents_get_exactly_what_a_shared_parent_cap_holds(le
     assert check_invariants(ledger.authority).allowed_events == N
 
 
-def _race_processes(backend: Backend, tmp_path: Path, agents: list[str], processes: int = 4, threads: int = 8,
-                    attempts: int = 3) -> Counter[str]:
+def _race_processes(
+    backend: Backend,
+    tmp_path: Path,
+    agents: list[str],
+    processes: int = 4,
+    threads: int = 8,
+    attempts: int = 3,
+) -> Counter[str]:
     ctx = multiprocessing.get_context("spawn")
     start = ctx.Barrier(processes)
     results = ctx.Queue()
     home = str(tmp_path / "home")
 
-    pool = [ctx.Process(target=_process_start, args=(backend.url, home, agents, threads, attempts, start, results))
-            for _ in range(processes)]
+    pool = [
+        ctx.Process(
+            target=_process_start, args=(backend.url, home, agents, threads, attempts, start, results)
+        )
+        for _ in range(processes)
+    ]
     for p in pool:
         p.start()
     outcomes: Counter[str] = Counter()
@@ -102,8 +115,9 @@ def _race_processes(backend: Backend, tmp_path: Path, agents: list[str], process
     return outcomes
 
 
-def _process_start(url: str, home: str, agents: list[str], threads: int, attempts: int, start: Any,
-                   results: Any) -> None:
+def _process_start(
+    url: str, home: str, agents: list[str], threads: int, attempts: int, start: Any, results: Any
+) -> None:
     """Open the authority first, then wait for every process, then race."""
     authority = open_authority(settings_for(url, Path(home)), clock=FakeClock())
     try:
@@ -114,8 +128,9 @@ def _process_start(url: str, home: str, agents: list[str], threads: int, attempt
         authority.store.close()
 
 
-def test_4_processes_get_exactly_what_one_wallet_holds(backend: Backend, make_authority: AuthorityFactory,
-                                                       tmp_path: Path) -> None:
+def test_4_processes_get_exactly_what_one_wallet_holds(
+    backend: Backend, make_authority: AuthorityFactory, tmp_path: Path
+) -> None:
     authority = make_authority()
     ledger = Ledger(authority, FakeClock())
     agent = ledger.agent(fund=format_nanos(N * AMOUNT))
@@ -130,11 +145,14 @@ def test_4_processes_get_exactly_what_one_wallet_holds(backend: Backend, make_au
 
 
 def test_4_processes_of_many_agents_get_exactly_what_a_shared_parent_cap_holds(
-        backend: Backend, make_authority: AuthorityFactory, tmp_path: Path) -> None:
+    backend: Backend, make_authority: AuthorityFactory, tmp_path: Path
+) -> None:
     authority = make_authority()
     ledger = Ledger(authority, FakeClock())
-    authority.put_principal("team-procs", {"policy": {"caps": [
-        {"scope": "all", "period": "day", "limit": format_nanos(N * AMOUNT)}]}})
+    authority.put_principal(
+        "team-procs",
+        {"policy": {"caps": [{"scope": "all", "period": "day", "limit": format_nanos(N * AMOUNT)}]}},
+    )
     agents = [ledger.agent(fund="100.00", parent="team-procs") for _ in range(6)]
 
     outcomes = _race_processes(backend, tmp_path, agents)

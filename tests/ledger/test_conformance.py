@@ -62,8 +62,9 @@ def path_states(ledger: Ledger, ids: list[str]) -> dict[str, tuple[int, int, int
 
 def test_reserve_holds_on_every_budget_of_the_path(ledger: Ledger) -> None:
     ledger.authority.put_principal("team-a", {"policy": policy(day_cap("4.00"))})
-    agent = ledger.agent(fund="10.00", parent="team-a",
-                         policy=policy(day_cap("5.00"), day_cap("3.00", "connector:tool")))
+    agent = ledger.agent(
+        fund="10.00", parent="team-a", policy=policy(day_cap("5.00"), day_cap("3.00", "connector:tool"))
+    )
     path = [f"{agent}/total", ledger.day(agent), ledger.day(agent, "connector:tool"), ledger.day("team-a")]
 
     res = ledger.reserve(agent, "2.00")
@@ -75,8 +76,9 @@ def test_reserve_holds_on_every_budget_of_the_path(ledger: Ledger) -> None:
 
 def test_a_denied_reserve_holds_nothing_and_names_the_first_budget_that_cannot_hold(ledger: Ledger) -> None:
     ledger.authority.put_principal("team-b", {"policy": policy(day_cap("4.00"))})
-    agent = ledger.agent(fund="10.00", parent="team-b",
-                         policy=policy(day_cap("5.00"), day_cap("3.00", "connector:tool")))
+    agent = ledger.agent(
+        fund="10.00", parent="team-b", policy=policy(day_cap("5.00"), day_cap("3.00", "connector:tool"))
+    )
     ledger.reserve(agent, "2.00")
     path = [f"{agent}/total", ledger.day(agent), ledger.day(agent, "connector:tool"), ledger.day("team-b")]
     before = path_states(ledger, path)
@@ -89,7 +91,10 @@ def test_a_denied_reserve_holds_nothing_and_names_the_first_budget_that_cannot_h
     assert exc.value.requested == "2.50"
     assert path_states(ledger, path) == before
     denied = ledger.events("dev.paymaster.reservation.denied")[-1]["data"]
-    assert (denied["reason_code"], denied["budget_id"]) == ("policy_cap_exceeded", ledger.day(agent, "connector:tool"))
+    assert (denied["reason_code"], denied["budget_id"]) == (
+        "policy_cap_exceeded",
+        ledger.day(agent, "connector:tool"),
+    )
 
 
 def test_the_wallet_is_checked_first(ledger: Ledger) -> None:
@@ -127,8 +132,9 @@ def test_parents_are_checked_nearest_first_and_after_the_agent(ledger: Ledger) -
 def test_tasks_are_checked_from_the_calls_task_up(ledger: Ledger) -> None:
     agent = ledger.agent(fund="10.00")
     root = ledger.authority.create_task({"limit": "1.00", "agents": [agent]}, Caller.admin())["task_id"]
-    child = ledger.authority.create_task({"limit": "1.00", "parent_task": root, "agents": [agent]},
-                                         Caller.admin())["task_id"]
+    child = ledger.authority.create_task(
+        {"limit": "1.00", "parent_task": root, "agents": [agent]}, Caller.admin()
+    )["task_id"]
     with pytest.raises(PolicyCapExceeded) as exc:
         ledger.reserve(agent, "2.00", task=child)
     assert exc.value.budget_id == child
@@ -177,11 +183,20 @@ def test_commit_less_charges_it_and_releases_the_rest(ledger: Ledger) -> None:
     agent = ledger.agent(fund="10.00", policy=policy(day_cap("5.00")))
     res = ledger.reserve(agent, "1.00")
     out = ledger.commit(res["reservation_id"], "0.40")
-    assert (out["charged"], out["released"], out["overrun"], out["estimated"]) == ("0.40", "0.60", False, False)
+    assert (out["charged"], out["released"], out["overrun"], out["estimated"]) == (
+        "0.40",
+        "0.60",
+        False,
+        False,
+    )
     assert ledger.state(f"{agent}/total") == (n("10.00"), n("0.40"), 0)
     assert ledger.state(ledger.day(agent)) == (n("5.00"), n("0.40"), 0)
     view = ledger.reservation(res["reservation_id"])
-    assert (view["status"], view["charged"], view["ledger_entry_id"]) == ("committed", "0.40", out["ledger_entry_id"])
+    assert (view["status"], view["charged"], view["ledger_entry_id"]) == (
+        "committed",
+        "0.40",
+        out["ledger_entry_id"],
+    )
     [entry] = ledger.authority.ledger(agent=agent)
     assert (entry["id"], entry["total"], entry["kind"]) == (out["ledger_entry_id"], "0.40", "charge")
 
@@ -225,7 +240,10 @@ def test_commit_of_zero_writes_a_ledger_entry_that_cannot_be_refunded(ledger: Le
 def test_release_gives_the_hold_back_once(ledger: Ledger) -> None:
     agent = ledger.agent(fund="1.00", policy=policy(day_cap("1.00")))
     res = ledger.reserve(agent, "0.70")
-    assert ledger.release(res["reservation_id"]) == {"reservation_id": res["reservation_id"], "released": "0.70"}
+    assert ledger.release(res["reservation_id"]) == {
+        "reservation_id": res["reservation_id"],
+        "released": "0.70",
+    }
     assert ledger.state(f"{agent}/total") == ledger.state(ledger.day(agent)) == (n("1.00"), 0, 0)
     assert ledger.reservation(res["reservation_id"])["status"] == "released"
     # a repeated release answers the same and changes nothing; a commit after it is refused
@@ -315,7 +333,8 @@ def test_refund_gives_back_to_every_budget_in_the_window_of_the_charge(ledger: L
     assert ledger.state(ledger.day("team-e")) == (n("10.00"), 0, n("0.10"))
     refunds = [e for e in ledger.authority.ledger(agent=agent) if e["kind"] == "refund"]
     assert [(e["id"], e["total"], e["refund_of"]) for e in refunds] == [
-        (out["refund_id"], "-0.50", charge["ledger_entry_id"])]
+        (out["refund_id"], "-0.50", charge["ledger_entry_id"])
+    ]
     event = ledger.events("dev.paymaster.refund.created")[-1]["data"]
     assert (event["amount"], sorted(event["budgets"])) == ("0.50", sorted(charged_in))
 
@@ -421,7 +440,9 @@ def test_shadow_caps_record_shadow_denials_and_deny_nothing(ledger: Ledger) -> N
     assert allowed[1]["data"]["shadow_denials"] == [cap]
     assert ledger.events("dev.paymaster.reservation.denied") == []
     # an enforce cap beside it still denies
-    ledger.authority.set_agent_policy(agent, policy(day_cap("1.00", mode="shadow"), day_cap("0.50", "connector:tool")))
+    ledger.authority.set_agent_policy(
+        agent, policy(day_cap("1.00", mode="shadow"), day_cap("0.50", "connector:tool"))
+    )
     with pytest.raises(PolicyCapExceeded) as exc:
         ledger.reserve(agent, "0.60")
     assert exc.value.budget_id == ledger.day(agent, "connector:tool")
@@ -560,10 +581,13 @@ def test_a_task_chain_debits_every_ancestor(ledger: Ledger) -> None:
     lead = ledger.agent(fund="10.00")
     worker = ledger.agent(fund="10.00")
     root = ledger.authority.create_task({"limit": "5.00", "agents": [lead]}, Caller.admin())
-    mid = ledger.authority.create_task({"limit": "4.00", "parent_task": root["task_id"], "agents": [lead, worker]},
-                                       Caller("agent", agent_id=lead))
-    leaf = ledger.authority.create_task({"limit": "3.00", "parent_task": mid["task_id"], "agents": [worker]},
-                                        Caller.admin())
+    mid = ledger.authority.create_task(
+        {"limit": "4.00", "parent_task": root["task_id"], "agents": [lead, worker]},
+        Caller("agent", agent_id=lead),
+    )
+    leaf = ledger.authority.create_task(
+        {"limit": "3.00", "parent_task": mid["task_id"], "agents": [worker]}, Caller.admin()
+    )
     tasks = [leaf["task_id"], mid["task_id"], root["task_id"]]
 
     res = ledger.reserve(worker, "1.00", task=leaf["task_id"])
@@ -581,18 +605,21 @@ def test_only_the_agents_listed_on_a_task_may_charge_it(ledger: Ledger) -> None:
     worker = ledger.agent(fund="10.00")
     stranger = ledger.agent(fund="10.00")
     root = ledger.authority.create_task({"limit": "5.00", "agents": [lead]}, Caller.admin())["task_id"]
-    leaf = ledger.authority.create_task({"limit": "3.00", "parent_task": root, "agents": [worker]},
-                                        Caller.admin())["task_id"]
+    leaf = ledger.authority.create_task(
+        {"limit": "3.00", "parent_task": root, "agents": [worker]}, Caller.admin()
+    )["task_id"]
     for agent, task in ((lead, leaf), (stranger, root), (worker, root)):
         with pytest.raises(TaskForbidden) as exc:
             ledger.reserve(agent, "0.10", task=task)
         assert (exc.value.code, exc.value.status) == ("task_forbidden", 403)
     with pytest.raises(TaskForbidden):
-        ledger.authority.create_task({"limit": "1.00", "parent_task": leaf, "agents": [stranger]},
-                                     Caller("agent", agent_id=stranger))
+        ledger.authority.create_task(
+            {"limit": "1.00", "parent_task": leaf, "agents": [stranger]}, Caller("agent", agent_id=stranger)
+        )
     assert [ledger.state(t)[2] for t in (leaf, root)] == [0, 0]
     assert [e["data"]["reason_code"] for e in ledger.events("dev.paymaster.reservation.denied")] == [
-        "task_forbidden"] * 3
+        "task_forbidden"
+    ] * 3
 
 
 # ---------------------------------------------------------------- agent status
@@ -602,9 +629,9 @@ def test_freeze_unfreeze_and_revoke(ledger: Ledger) -> None:
     agent = ledger.agent(fund="5.00")
     held = ledger.reserve(agent, "1.00")
     ledger.authority.set_status(agent, "frozen")
-    with pytest.raises(AgentFrozen) as exc:
+    with pytest.raises(AgentFrozen) as frozen:
         ledger.reserve(agent, "0.10")
-    assert (exc.value.code, exc.value.status) == ("agent_frozen", 403)
+    assert (frozen.value.code, frozen.value.status) == ("agent_frozen", 403)
     ledger.commit(held["reservation_id"], "0.50")  # what was held before the freeze still settles
     ledger.authority.set_status(agent, "active")
     ledger.reserve(agent, "0.10")
@@ -622,5 +649,7 @@ def test_freeze_unfreeze_and_revoke(ledger: Ledger) -> None:
         assert exc.value.status == 409
     assert ledger.authority.get_agent(agent)["status"] == "revoked"
     assert ledger.state(f"{agent}/total") == (n("5.00"), n("0.50"), n("0.10"))
-    types = [e["type"].rsplit(".", 1)[1] for e in ledger.events() if e["type"].startswith("dev.paymaster.agent.")]
+    types = [
+        e["type"].rsplit(".", 1)[1] for e in ledger.events() if e["type"].startswith("dev.paymaster.agent.")
+    ]
     assert types == ["created", "frozen", "unfrozen", "revoked"]

@@ -17,7 +17,14 @@ from typing import Any
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from paymaster.authority import Authority
 from paymaster.bootstrap import open_authority
@@ -94,7 +101,9 @@ class LedgerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.clock = FakeClock(EVENING)
-        self.authority: Authority = open_authority(settings_for(self.backend.new_url(), self.home), clock=self.clock)
+        self.authority: Authority = open_authority(
+            settings_for(self.backend.new_url(), self.home), clock=self.clock
+        )
         self.h = Ledger(self.authority, self.clock)
         self.model = Model()
         self.replays: list[Replay] = []
@@ -129,11 +138,18 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def path(self, agent: str) -> list[tuple[str, str, int]]:
         """(id, kind, limit for a new window) in the order of the budget path."""
-        return [(f"{agent}/total", "wallet", 0), (self.day(agent), "cap", self.agent_caps[agent]),
-                (self.day(self.team), "cap", self.team_cap)]
+        return [
+            (f"{agent}/total", "wallet", 0),
+            (self.day(agent), "cap", self.agent_caps[agent]),
+            (self.day(self.team), "cap", self.team_cap),
+        ]
 
     def due(self) -> list[MReservation]:
-        return [r for r in self.model.reservations.values() if r.status == "held" and r.expires_at <= self.clock.now]
+        return [
+            r
+            for r in self.model.reservations.values()
+            if r.status == "held" and r.expires_at <= self.clock.now
+        ]
 
     def expire(self, res: MReservation) -> None:
         self.model.apply(res, res.amount if res.sent else None)
@@ -170,8 +186,16 @@ class LedgerMachine(RuleBasedStateMachine):
                 budget.reserved += amount
                 assert budget.spent + budget.reserved <= budget.limit or budget_id in self.model.excused
             assert [(b["id"], b["remaining"]) for b in answer.body["budgets"]] == [
-                (i, format_nanos(self.model.budgets[i].limit - self.model.budgets[i].spent
-                                 - self.model.budgets[i].reserved)) for i, _, _ in path]
+                (
+                    i,
+                    format_nanos(
+                        self.model.budgets[i].limit
+                        - self.model.budgets[i].spent
+                        - self.model.budgets[i].reserved
+                    ),
+                )
+                for i, _, _ in path
+            ]
             expires = self.clock.now + timedelta(seconds=ttl if ttl is not None else 300)
             rid = answer.body["reservation_id"]
             self.model.reservations[rid] = MReservation(rid, amount, [i for i, _, _ in path], expires)
@@ -188,12 +212,19 @@ class LedgerMachine(RuleBasedStateMachine):
         assert answer == first.answer
 
     @precondition(lambda self: bool(self.model.reservations))
-    @rule(index=picks, how=st.sampled_from(["less", "equal", "more", "held", "zero"]), part=st.integers(1, 99))
+    @rule(
+        index=picks, how=st.sampled_from(["less", "equal", "more", "held", "zero"]), part=st.integers(1, 99)
+    )
     def commit(self, index: int, how: str, part: int) -> None:
         res = self.pick(index)
         assert res is not None
-        amount = {"less": res.amount * part // 100, "equal": res.amount, "more": res.amount + part * CENT,
-                  "held": res.amount, "zero": 0}[how]
+        amount = {
+            "less": res.amount * part // 100,
+            "equal": res.amount,
+            "more": res.amount + part * CENT,
+            "held": res.amount,
+            "zero": 0,
+        }[how]
         expected = self.settle_outcome(res)
         try:
             out = self.h.commit(res.id, None if how == "held" else format_nanos(amount))
@@ -204,7 +235,10 @@ class LedgerMachine(RuleBasedStateMachine):
         self.model.apply(res, amount)
         res.status, res.overrun = "committed", amount > res.amount
         assert (out["charged"], out["released"], out["overrun"]) == (
-            format_nanos(amount), format_nanos(max(res.amount - amount, 0)), amount > res.amount)
+            format_nanos(amount),
+            format_nanos(max(res.amount - amount, 0)),
+            amount > res.amount,
+        )
 
     @precondition(lambda self: bool(self.model.reservations))
     @rule(index=picks)
@@ -234,8 +268,11 @@ class LedgerMachine(RuleBasedStateMachine):
         return "ok" if res.status == "held" else "reservation_settled"
 
     def charged(self) -> list[MReservation]:
-        return [r for r in self.model.reservations.values()
-                if r.status == "committed" or (r.status == "expired" and r.estimated)]
+        return [
+            r
+            for r in self.model.reservations.values()
+            if r.status == "committed" or (r.status == "expired" and r.estimated)
+        ]
 
     @precondition(lambda self: bool(self.charged()))
     @rule(index=picks, how=st.sampled_from(["all", "half", "too_much", "tiny"]))
@@ -306,22 +343,38 @@ class LedgerMachine(RuleBasedStateMachine):
         if not self.agents:
             return
         snap = check_invariants(self.authority, excused=self.model.excused)
-        stored = {i: (int(b["limit_n"]), int(b["spent_n"]), int(b["reserved_n"])) for i, b in snap.budgets.items()}
+        stored = {
+            i: (int(b["limit_n"]), int(b["spent_n"]), int(b["reserved_n"])) for i, b in snap.budgets.items()
+        }
         assert stored == {i: (b.limit, b.spent, b.reserved) for i, b in self.model.budgets.items()}
         for rid, res in self.model.reservations.items():
             row = snap.reservations[rid]
             assert (row["status"], row["charged_n"], bool(row["estimated"]), bool(row["overrun"])) == (
-                res.status, res.charged, res.estimated, res.overrun), rid
+                res.status,
+                res.charged,
+                res.estimated,
+                res.overrun,
+            ), rid
             assert snap.terminal_events[rid] == (0 if res.status == "held" else 1)
         assert set(snap.reservations) == set(self.model.reservations)
 
 
 def run_machine(backend: Backend, tmp_path: Path, examples: int, steps: int) -> None:
     machine = type("Machine", (LedgerMachine,), {"backend": backend, "home": tmp_path / "home"})
-    run_state_machine_as_test(machine, settings=settings(
-        max_examples=examples, stateful_step_count=steps, deadline=None, database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
-    ))
+    run_state_machine_as_test(
+        machine,
+        settings=settings(
+            max_examples=examples,
+            stateful_step_count=steps,
+            deadline=None,
+            database=None,
+            suppress_health_check=[
+                HealthCheck.too_slow,
+                HealthCheck.filter_too_much,
+                HealthCheck.data_too_large,
+            ],
+        ),
+    )
 
 
 def test_ledger_matches_the_model(backend: Backend, tmp_path: Path) -> None:

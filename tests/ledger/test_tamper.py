@@ -83,14 +83,18 @@ def head_seq(path: Path | str) -> int:
 def put_event(path: Path | str, ev: dict[str, Any], *, insert: bool = False) -> None:
     text = json.dumps(ev, separators=(",", ":"))
     if insert:
-        sql(path, "INSERT INTO events (seq, id, type, time, subject, hash, event) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (ev["seq"], ev["id"], ev["type"], ev["time"], ev["subject"], event_hash(ev), text))
+        sql(
+            path,
+            "INSERT INTO events (seq, id, type, time, subject, hash, event) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (ev["seq"], ev["id"], ev["type"], ev["time"], ev["subject"], event_hash(ev), text),
+        )
     else:
         sql(path, "UPDATE events SET event = ?, hash = ? WHERE seq = ?", (text, event_hash(ev), ev["seq"]))
 
 
-def verify(reopen: Callable[[], Authority], tamper: Callable[[str, int], int], against: bool = False) -> tuple[
-        VerifyResult, int]:
+def verify(
+    reopen: Callable[[], Authority], tamper: Callable[[str, int], int], against: bool = False
+) -> tuple[VerifyResult, int]:
     """Apply ``tamper(path, head)`` to the closed database; return the verification of the
     reopened chain and the seq the tamper says must be named."""
     authority = reopen()
@@ -113,8 +117,11 @@ def edit_data(path: str, head: int) -> int:
 
 
 def edit_amount_of_a_charge(path: str, head: int) -> int:
-    [(k, text)] = sql(path, "SELECT seq, event FROM events WHERE type = ? ORDER BY seq LIMIT 1",
-                      ("dev.paymaster.reservation.committed",))
+    [(k, text)] = sql(
+        path,
+        "SELECT seq, event FROM events WHERE type = ? ORDER BY seq LIMIT 1",
+        ("dev.paymaster.reservation.committed",),
+    )
     ev = json.loads(text)
     assert ev["data"]["total"] == "0.40"
     ev["data"]["total"] = "0.04"
@@ -180,13 +187,23 @@ def truncate_tail(path: str, head: int) -> int:
     return head - 2
 
 
-TAMPERS = [edit_data, edit_amount_of_a_charge, edit_the_last, drop, drop_and_renumber, swap_seq,
-           insert_at_the_end, insert_in_the_middle, truncate_tail]
+TAMPERS = [
+    edit_data,
+    edit_amount_of_a_charge,
+    edit_the_last,
+    drop,
+    drop_and_renumber,
+    swap_seq,
+    insert_at_the_end,
+    insert_in_the_middle,
+    truncate_tail,
+]
 
 
 @pytest.mark.parametrize("tamper", TAMPERS, ids=[t.__name__ for t in TAMPERS])
-def test_tampering_is_caught_at_the_first_bad_event(chain: Callable[[], Authority],
-                                                    tamper: Callable[[str, int], int]) -> None:
+def test_tampering_is_caught_at_the_first_bad_event(
+    chain: Callable[[], Authority], tamper: Callable[[str, int], int]
+) -> None:
     result, expected = verify(chain, tamper)
     assert not result.ok
     assert result.first_bad_seq == expected, result
@@ -195,8 +212,9 @@ def test_tampering_is_caught_at_the_first_bad_event(chain: Callable[[], Authorit
 
 
 @pytest.mark.parametrize("tamper", TAMPERS, ids=[t.__name__ for t in TAMPERS])
-def test_tampering_is_caught_against_the_sink_too(chain: Callable[[], Authority],
-                                                  tamper: Callable[[str, int], int]) -> None:
+def test_tampering_is_caught_against_the_sink_too(
+    chain: Callable[[], Authority], tamper: Callable[[str, int], int]
+) -> None:
     result, _ = verify(chain, tamper, against=True)
     assert not result.ok
 
@@ -213,7 +231,8 @@ def test_an_untouched_chain_verifies_with_and_without_the_sink(chain: Callable[[
 
 
 def test_a_truncated_tail_with_a_rolled_back_head_is_caught_only_against_the_sink(
-        chain: Callable[[], Authority]) -> None:
+    chain: Callable[[], Authority],
+) -> None:
     authority = chain()
     path = db_path(authority)
     sink = authority.settings.audit_sink
@@ -222,7 +241,11 @@ def test_a_truncated_tail_with_a_rolled_back_head_is_caught_only_against_the_sin
     authority.store.close()
     old = heads[len(heads) // 2]  # a head the authority really signed, earlier on
     sql(path, "DELETE FROM events WHERE seq > ?", (old["seq"],))
-    sql(path, "UPDATE audit_head SET seq = ?, hash = ?, sig = ? WHERE id = 1", (old["seq"], old["hash"], old["sig"]))
+    sql(
+        path,
+        "UPDATE audit_head SET seq = ?, hash = ?, sig = ? WHERE id = 1",
+        (old["seq"], old["hash"], old["sig"]),
+    )
 
     authority = chain()
     alone = authority.verify_audit()
@@ -272,7 +295,7 @@ def test_canonical_json_is_rfc8785(value: Any) -> None:
     try:
         expected = rfc8785.dumps(value)
     except Exception:
-        with pytest.raises(Exception):  # noqa: B017
+        with pytest.raises(Exception):
             canonical(value)
         return
     assert canonical(value) == expected
@@ -280,7 +303,16 @@ def test_canonical_json_is_rfc8785(value: Any) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [1.5, {"a": 1e21}, {"\U0001f600": 1, "\ufb01": 2}, ["\ud800"], 2**53, -(2**53), {"k": [0.1, "x"]}, "\x00\x1f\x7f"],
+    [
+        1.5,
+        {"a": 1e21},
+        {"\U0001f600": 1, "\ufb01": 2},
+        ["\ud800"],
+        2**53,
+        -(2**53),
+        {"k": [0.1, "x"]},
+        "\x00\x1f\x7f",
+    ],
 )
 def test_canonical_json_edge_cases_are_rfc8785(value: Any) -> None:
     import rfc8785
@@ -288,7 +320,7 @@ def test_canonical_json_edge_cases_are_rfc8785(value: Any) -> None:
     try:
         expected = rfc8785.dumps(value)
     except Exception:
-        with pytest.raises(Exception):  # noqa: B017
+        with pytest.raises(Exception):
             canonical(value)
         return
     assert canonical(value) == expected

@@ -371,9 +371,13 @@ async def test_openapi_names_every_route(app: Starlette, api: Api) -> None:
                 ref = request["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
                 assert doc["components"]["schemas"][ref]["additionalProperties"] is False
             for status, response in operation["responses"].items():
-                if status.startswith(("4", "5")) and status != "409":
-                    assert (
-                        response["content"]["application/json"]["schema"]
-                        == {"$ref": "#/components/schemas/Error"}
-                        or status == "409"
+                # every error has the Error body, but a broken chain answers its VerifyResult
+                if status.startswith(("4", "5")) and (operation["operationId"], status) != (
+                    "verifyAudit",
+                    "409",
+                ):
+                    schema = response["content"]["application/json"]["schema"]
+                    assert schema == {"$ref": "#/components/schemas/Error"}, (
+                        operation["operationId"],
+                        status,
                     )

@@ -244,3 +244,17 @@ async def test_closed_store_fails_closed(api: Api, authority: Authority) -> None
     authority.store.close()
     r = await api.reserve(agent, headers=headers)
     assert (r.status_code, r.json()["error"]["code"]) == (503, "authority_unavailable")
+
+
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        ("/v1/ledger", {"since": "0001-01-01T00:00:00+01:00"}),
+        ("/v1/ledger", {"until": "9999-12-31T23:59:59-01:00"}),
+        ("/v1/reports/focus", {"from": "0001-01-01T00:00:00+01:00", "to": "2026-01-01"}),
+        ("/v1/reports/focus", {"from": "2026-01-01", "to": "9999-12-31T23:59:59-01:00"}),
+    ],
+)
+async def test_times_at_the_ends_of_the_calendar_are_422(api: Api, path: str, params: dict[str, str]) -> None:
+    r = await api.client.get(path, params=params, headers=ADMIN)
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_request")

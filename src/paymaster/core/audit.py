@@ -262,13 +262,17 @@ def verify_chains(
     public_keys: Iterable[Ed25519PublicKey],
     *,
     sink_heads: Iterable[Head] = (),
+    unsealed: Mapping[str, int] | None = None,
     total_events: int | None = None,
 ) -> VerifyResult:
-    """Verify each chain ``(name, signed head, its events in seq order)`` against its own head,
-    and the exported heads against the chains they name. One chain named ``main`` gives exactly
-    :func:`verify_chain`'s answer. With several, ``events`` and ``head_seq`` add up over the
-    chains and a failure names its chain. ``total_events``, the number of events the store
-    holds, catches events that no verified chain accounts for (a head row deleted)."""
+    """Verify each chain ``(name, signed head, the events its head covers, in seq order)``
+    against its own head, and the exported heads against the chains they name. One chain named
+    ``main`` gives :func:`verify_chain`'s answer. With several, ``events`` and ``head_seq`` add
+    up over the chains and a failure names its chain. ``unsealed`` maps each chain holding
+    events that no signed head covers (appended after it, or a head deleted or rolled back) to
+    the first such seq; the store reads it in one snapshot, so live writers raise no alarm.
+    ``total_events``, the number of events the store held when it read the chains (same
+    snapshot), catches events that no verified chain accounts for."""
     keys = list(public_keys)
     exported: dict[str, list[Head]] = {}
     for sink_head in sink_heads:
@@ -302,6 +306,18 @@ def verify_chains(
             1,
             f"exported heads name chain {name}, which the store does not hold (deleted with its head?)",
             chain=name,
+            chains=n_chains,
+        )
+    if unsealed:
+        name = sorted(unsealed)[0]
+        reason = f"the events from seq {unsealed[name]} on are not covered by a signed head"
+        return VerifyResult(
+            False,
+            count,
+            covered,
+            unsealed[name],
+            reason if name == MAIN_CHAIN and single else f"chain {name}: {reason}",
+            chain=None if name == MAIN_CHAIN and single else name,
             chains=n_chains,
         )
     if total_events is not None and total_events != count:

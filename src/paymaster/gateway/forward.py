@@ -7,9 +7,10 @@ and ``expect`` are dropped; the connector's credential is injected; ``accept-enc
 ``identity`` so that usage can be read from the bytes as they pass.
 
 Response headers: hop-by-hop, ``content-length``, ``content-encoding`` (the body is passed
-decoded), ``set-cookie`` (agents hold no provider session) and any ``x-paymaster-*`` header
-(an upstream cannot speak for the authority) are dropped, and so is any header whose value
-contains the connector's credential.
+decoded), ``set-cookie`` (agents hold no provider session), ``date`` and ``server`` (the
+gateway's own server sets them) and any ``x-paymaster-*`` header (an upstream cannot speak
+for the authority) are dropped, and so is any header whose value contains the connector's
+credential.
 
 aiohttp rather than httpx: ARCHITECTURE.md records httpx 0.28's async pool as a bottleneck
 at 50 concurrent requests; bench/gateway.py measures the proxy on this client.

@@ -72,12 +72,11 @@ T = TypeVar("T")
 
 MAX_BODY_BYTES: Final = 10 * 1024 * 1024
 MAX_BUFFERED_RESPONSE: Final = 16 * 1024 * 1024
-THREAD_TOKENS: Final = 256
+THREAD_TOKENS: Final = int(__import__("os").environ.get("PM_GATEWAY_THREADS", "256"))
 IDEMPOTENCY_HEADER: Final = "x-paymaster-idempotency-key"
 SESSION_HEADER: Final = "x-paymaster-session"
 TASK_HEADER: Final = "x-paymaster-task"
 MAX_KEY: Final = 256
-_ADMIN: Final = Caller.admin()
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +97,7 @@ class Intent:
 class Decided:
     answer: ops.Answer
     quoter: Quoter | None
+    settler: Caller  # who settles the hold: the gateway, on behalf of the agent
 
 
 class Gateway:
@@ -155,17 +155,16 @@ class Gateway:
                 body = {"error": {**body["error"], "message": intent.host_refusal}}
             return _denial(request, answer.status, body)
         quoter = decided.quoter
-        assert quoter is not None
-        assert quoter.quote is not None
-        assert intent.target is not None
-        assert intent.connector is not None
-        if answer.body.get("gateway_request") != quoter.nonce:
+        if quoter is None or quoter.quote is None or answer.body.get("gateway_request") != quoter.nonce:
+            # the first answer of an idempotency key seen before: that call was already made
             replay = IdempotencyConflict(
                 f"this idempotency key was already used for reservation {answer.body.get('reservation_id')};"
                 " the call is not repeated: send a new key",
             )
             return _denial(request, replay.status, replay.to_body())
-        return await self._forward(request, intent, answer.body, quoter, quoter.quote)
+        assert intent.target is not None
+        assert intent.connector is not None
+        return await self._forward(request, intent, answer.body, quoter, quoter.quote, decided.settler)
 
     async def _intent(self, request: Request) -> Intent:
         scope = request.scope
@@ -259,7 +258,10 @@ class Gateway:
             host=host,
             price=quoter,
         )
-        return Decided(self.authority.reserve_answer(request, caller), quoter)
+        # the gateway settles as the authority itself; naming the agent spares the commit a
+        # store read (its velocity check would otherwise look the agent up)
+        settler = Caller("admin", agent_id=caller.agent_id)
+        return Decided(self.authority.reserve_answer(request, caller), quoter, settler)
 
     def _unserved(self, host: str) -> str:
         candidate = f"(unserved:{host})"
@@ -270,7 +272,13 @@ class Gateway:
     # ------------------------------------------------------------ forwarding
 
     async def _forward(
-        self, request: Request, intent: Intent, answer: Mapping[str, Any], quoter: Quoter, quote: Quote
+        self,
+        request: Request,
+        intent: Intent,
+        answer: Mapping[str, Any],
+        quoter: Quoter,
+        quote: Quote,
+        settler: Caller,
     ) -> Response:
         target, connector = intent.target, intent.connector
         assert target is not None
@@ -295,7 +303,7 @@ class Gateway:
         secret = credential[1] if credential is not None else None
         out_headers = upstream_headers(request.scope["headers"], credential)
         url = self.index.upstream_url(connector, target)
-        settle = self._settler(reservation_id, quote)
+        settle = self._settler(reservation_id, quote, settler)
         try:
             upstream = await self.upstream.send(intent.method, url, out_headers, body, timeout=self.timeout)
         except NotSent as exc:
@@ -330,7 +338,13 @@ class Gateway:
         if redirect:
             settlement = meter.release("redirect")
         else:
-            settlement = meter.from_body(upstream.status, upstream.headers, whole if rest is None else None)
+            try:
+                settlement = meter.from_body(
+                    upstream.status, upstream.headers, whole if rest is None else None
+                )
+            except Exception:  # a bug in metering must not leave the hold to chance
+                logger.exception("metering %s failed; charging the hold", reservation_id)
+                settlement = meter.at_hold("metering_failed")
         charged = await self._settle_quietly(settle, settlement)
         if charged is not None:
             ours += hdr.settled_headers(answer, hold, charged, estimated=settlement.estimated)
@@ -366,9 +380,9 @@ class Gateway:
 
     # ------------------------------------------------------------ settling
 
-    def _settler(self, reservation_id: str, quote: Quote) -> Settle:
+    def _settler(self, reservation_id: str, quote: Quote, caller: Caller) -> Settle:
         async def settle(settlement: Settlement) -> int | None:
-            return await self._run(self._settle_sync, reservation_id, quote, settlement)
+            return await self._run(self._settle_sync, reservation_id, quote, settlement, caller)
 
         return settle
 
@@ -380,13 +394,15 @@ class Gateway:
             return None
         return charged
 
-    def _settle_sync(self, reservation_id: str, quote: Quote, settlement: Settlement) -> int | None:
+    def _settle_sync(
+        self, reservation_id: str, quote: Quote, settlement: Settlement, caller: Caller
+    ) -> int | None:
         """Commit or release on a worker thread; the amount charged (0 when released), or
         None when the settlement could not be recorded (the hold expires charged)."""
         authority = self.authority
         try:
             if not settlement.commit:
-                authority.release(reservation_id, caller=_ADMIN, reason=settlement.reason)
+                authority.release(reservation_id, caller=caller, reason=settlement.reason)
                 return 0
             amount = settlement.amount
             if settlement.recount_tier and quote.tier_key is not None:
@@ -400,7 +416,7 @@ class Gateway:
             result = authority.commit(
                 reservation_id,
                 amount=amount,
-                caller=_ADMIN,
+                caller=caller,
                 estimated=settlement.estimated,
                 quantity=settlement.quantity,
                 unit=settlement.unit,

@@ -123,9 +123,13 @@ class StreamRelay(Response):
         else:
             missing = "usage_unreadable"
         usage = reader.usage if reader is not None else None
-        settlement = self._meter.from_usage(
-            self._upstream.status, self._upstream.headers, usage, missing=missing
-        )
+        try:
+            settlement = self._meter.from_usage(
+                self._upstream.status, self._upstream.headers, usage, missing=missing
+            )
+        except Exception:  # a bug in metering must not leave the hold to chance
+            logger.exception("metering a stream failed; charging the hold")
+            settlement = self._meter.at_hold("metering_failed")
         try:
             charged = await self._settle(settlement)
         except Exception:

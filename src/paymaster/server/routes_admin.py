@@ -4,7 +4,6 @@ the ledger, the audit events and their verification. Every route needs the admin
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -225,8 +224,7 @@ def admin(handler: Handler) -> Handler:
 
 
 def _route(path: str, handler: Handler, method: str) -> Route:
-    wrapped: Callable[..., Any] = endpoint(admin(handler), body=method in ("POST", "PUT"))
-    return Route(path, wrapped, methods=[method])
+    return Route(path, endpoint(admin(handler), body=method in ("POST", "PUT")), methods=[method])
 
 
 def routes() -> list[Route]:

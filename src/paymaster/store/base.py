@@ -90,3 +90,8 @@ class Store(Protocol):
         """The signed head of each audit chain (SQLite keeps one, ``main``; PostgreSQL one per
         writer)."""
         ...
+
+    def unsealed_events(self) -> dict[str, int]:
+        """For each chain holding events that its signed head does not cover, the first such
+        seq, read in one snapshot (so empty while the database is intact, writers or not)."""
+        ...

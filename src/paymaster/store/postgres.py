@@ -696,6 +696,15 @@ class PostgresStore:
         rows = self.read(lambda tx: tx.all("SELECT chain, seq, hash, sig FROM audit_heads ORDER BY chain"))
         return [Head(int(r["seq"]), str(r["hash"]), str(r["sig"]), str(r["chain"])) for r in rows]
 
+    def unsealed_events(self) -> dict[str, int]:
+        rows = self.read(
+            lambda tx: tx.all(
+                "SELECT e.chain, MIN(e.seq) AS s FROM events e LEFT JOIN audit_heads h ON h.chain = e.chain"
+                " WHERE h.seq IS NULL OR e.seq > h.seq GROUP BY e.chain"
+            )
+        )
+        return {str(r["chain"]): int(r["s"]) for r in rows}
+
     # ------------------------------------------------------------ invalidation
 
     def on_invalidate(self, callback: Callable[[str | None], None]) -> None:

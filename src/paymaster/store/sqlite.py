@@ -346,6 +346,15 @@ class SqliteStore:
         row = self.read(lambda tx: tx.one("SELECT seq, hash, sig FROM audit_head WHERE id = 1"))
         return [] if row is None else [Head(int(row["seq"]), str(row["hash"]), str(row["sig"]), MAIN_CHAIN)]
 
+    def unsealed_events(self) -> dict[str, int]:
+        row = self.read(
+            lambda tx: tx.one(
+                "SELECT MIN(seq) AS s FROM events"
+                " WHERE seq > COALESCE((SELECT seq FROM audit_head WHERE id = 1), 0)"
+            )
+        )
+        return {} if row is None or row["s"] is None else {MAIN_CHAIN: int(row["s"])}
+
     def audit_snapshot(
         self,
     ) -> tuple[list[tuple[str, Head | None, Iterator[dict[str, Any]]]], int]:

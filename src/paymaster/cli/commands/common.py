@@ -119,12 +119,12 @@ def instant(text: str, option: str) -> datetime:
             day = date.fromisoformat(text)
             return datetime(day.year, day.month, day.day, tzinfo=UTC)
         at = datetime.fromisoformat(text)
-    except ValueError:
+        # A time without an offset is read as UTC, the zone every stored time is in.
+        return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+    except (ValueError, OverflowError):
         raise InvalidRequest(
             f"{option} {text!r} is not a date (YYYY-MM-DD) or an RFC 3339 time (2026-11-24T13:00:00Z)"
         ) from None
-    # A time without an offset is read as UTC, the zone every stored time is in.
-    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
 
 
 def pairs(items: Sequence[str] | None, option: str) -> dict[str, str]:

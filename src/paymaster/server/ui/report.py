@@ -41,11 +41,12 @@ def parse_bound(text: str | None, name: str) -> datetime:
             day = date.fromisoformat(text)
             return datetime(day.year, day.month, day.day, tzinfo=UTC)
         at = datetime.fromisoformat(text)
-    except ValueError:
+        # astimezone overflows for an offset time at the ends of datetime's range
+        return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+    except (ValueError, OverflowError):
         raise InvalidRequest(
             f"{name} {text!r} is not a date (YYYY-MM-DD) or an RFC 3339 time (2026-11-24T13:00:00Z)"
         ) from None
-    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
 
 
 def parse_period(query: Mapping[str, str]) -> Period:
