@@ -176,6 +176,35 @@ def test_a_cap_alone_or_a_parents_cap_alone_is_a_budget_configuration(ledger: Le
     assert [b["id"] for b in ledger.reserve(child, "0.10")["budgets"]] == [ledger.day("team-d")]
 
 
+@pytest.mark.parametrize("capped", [False, True])
+def test_a_reserve_that_fits_exactly_is_allowed_and_one_nano_more_is_not(
+    ledger: Ledger, capped: bool
+) -> None:
+    agent = ledger.agent(
+        fund="100.00" if capped else "1.00", policy=policy(day_cap("1.00")) if capped else None
+    )
+    budget = ledger.day(agent) if capped else f"{agent}/total"
+    ledger.reserve(agent, "0.999999999")
+    with pytest.raises((BalanceInsufficient, PolicyCapExceeded)) as exc:
+        ledger.reserve(agent, "0.000000002")
+    assert (exc.value.budget_id, exc.value.remaining) == (budget, "0.000000001")
+    ledger.reserve(agent, "0.000000001")
+    with pytest.raises((BalanceInsufficient, PolicyCapExceeded)):
+        ledger.reserve(agent, "0.000000001")
+    ledger.reserve(agent, "0")  # nothing left, and nothing asked: fits
+    assert ledger.state(budget) == (n("1.00"), 0, n("1.00"))
+
+
+def test_a_hold_past_its_expiry_no_longer_counts_even_before_the_sweeper(ledger: Ledger) -> None:
+    agent = ledger.agent(fund="1.00")
+    first = ledger.reserve(agent, "1.00", ttl=30)
+    ledger.clock.advance(30)
+    second = ledger.reserve(agent, "1.00")  # the due hold is expired on the way, then this one fits
+    assert ledger.reservation(first["reservation_id"])["status"] == "expired"
+    assert ledger.state(f"{agent}/total") == (n("1.00"), 0, n("1.00"))
+    assert second["budgets"][0]["remaining"] == "0.00"
+
+
 # ---------------------------------------------------------------- commit and release
 
 

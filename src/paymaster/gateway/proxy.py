@@ -72,7 +72,7 @@ T = TypeVar("T")
 
 MAX_BODY_BYTES: Final = 10 * 1024 * 1024
 MAX_BUFFERED_RESPONSE: Final = 16 * 1024 * 1024
-THREAD_TOKENS: Final = int(__import__("os").environ.get("PM_GATEWAY_THREADS", "256"))
+THREAD_TOKENS: Final = 256
 IDEMPOTENCY_HEADER: Final = "x-paymaster-idempotency-key"
 SESSION_HEADER: Final = "x-paymaster-session"
 TASK_HEADER: Final = "x-paymaster-task"

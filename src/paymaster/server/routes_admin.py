@@ -204,7 +204,7 @@ def events(authority: Authority, req: Incoming) -> tuple[int, Any]:
     after = query_int(req.query, "after_seq", default=0, low=0, high=10**15)
     limit = query_int(req.query, "limit", default=1000, low=1, high=MAX_PAGE)
     page = authority.events(after, limit)
-    return 200, {"events": page, "next_after_seq": page[-1]["seq"] if page else after}
+    return 200, {"events": page, "next_after_seq": after + len(page)}
 
 
 def audit_verify(authority: Authority, req: Incoming) -> tuple[int, Any]:
