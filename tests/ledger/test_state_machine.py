@@ -41,7 +41,10 @@ AGENT_CAP = n("5.00")
 TEAM_CAP = n("8.00")
 WALLET = n("6.00")
 
-amounts = st.integers(min_value=0, max_value=400).map(lambda c: c * CENT)
+# mostly calls that fit, now and then a large one
+amounts = (st.integers(min_value=0, max_value=120) | st.integers(min_value=0, max_value=600)).map(
+    lambda c: c * CENT
+)
 limits = st.integers(min_value=50, max_value=1200).map(lambda c: c * CENT)
 ttls = st.sampled_from([None, 1, 30, 300, 3600])
 picks = st.integers(min_value=0, max_value=1_000)
@@ -227,10 +230,13 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: bool(self.model.reservations))
     @rule(
-        index=picks, how=st.sampled_from(["less", "equal", "more", "held", "zero"]), part=st.integers(1, 99)
+        index=picks,
+        how=st.sampled_from(["less", "equal", "more", "held", "zero"]),
+        part=st.integers(1, 99),
+        held=st.booleans(),
     )
-    def commit(self, index: int, how: str, part: int) -> None:
-        res = self.pick(index)
+    def commit(self, index: int, how: str, part: int, held: bool) -> None:
+        res = self.pick(index, "held" if held else None) or self.pick(index)
         assert res is not None
         amount = {
             "less": res.amount * part // 100,
@@ -254,10 +260,23 @@ class LedgerMachine(RuleBasedStateMachine):
             amount > res.amount,
         )
 
+    @precondition(lambda self: any(r.status == "held" for r in self.model.reservations.values()))
+    @rule(index=picks, percent=st.integers(0, 150))
+    def commit_a_held_one(self, index: int, percent: int) -> None:
+        """Commit a held reservation at ``percent`` of its hold (0: zero, 100: equal, more: overrun)."""
+        res = self.pick(index, "held")
+        assert res is not None
+        self.commit(
+            index,
+            {0: "zero", 100: "equal"}.get(percent, "less" if percent < 100 else "more"),
+            max(1, min(99, percent % 100)),
+            held=True,
+        )
+
     @precondition(lambda self: bool(self.model.reservations))
-    @rule(index=picks)
-    def release(self, index: int) -> None:
-        res = self.pick(index)
+    @rule(index=picks, held=st.booleans())
+    def release(self, index: int, held: bool) -> None:
+        res = self.pick(index, "held" if held else None) or self.pick(index)
         assert res is not None
         expected = "ok" if res.status == "released" else self.settle_outcome(res)
         was_released = res.status == "released"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -48,8 +49,38 @@ EVENT_TYPES = frozenset(
 )
 
 
+_SAFE_INT = 2**53
+
+
+def _json_compatible(obj: Any) -> bool:
+    """True when the standard library's sorted, compact JSON of ``obj`` is byte for byte
+    its RFC 8785 form: no floats, integers within I-JSON's exact range, and ASCII keys (so
+    that sorting by code point equals RFC 8785's sorting by UTF-16 code unit). Strings need
+    no check: both escape exactly the control characters, ``"`` and ``\\``, in lower-case
+    hex, and leave every other character as UTF-8."""
+    if isinstance(obj, str) or obj is None or obj is True or obj is False:
+        return True
+    if isinstance(obj, int):
+        return -_SAFE_INT < obj < _SAFE_INT
+    if isinstance(obj, dict):
+        return all(isinstance(k, str) and k.isascii() and _json_compatible(v) for k, v in obj.items())
+    if isinstance(obj, list | tuple):
+        return all(_json_compatible(v) for v in obj)
+    return False
+
+
 def canonical(obj: Any) -> bytes:
-    """RFC 8785 canonical JSON bytes."""
+    """RFC 8785 canonical JSON bytes.
+
+    The audit chain hashes every event, so this is on the hot path: events made of strings,
+    booleans and exact integers under ASCII keys (all of ours) take the C encoder of the
+    standard library, whose output for them is identical (a property test pins it); anything
+    else goes through the ``rfc8785`` package."""
+    if _json_compatible(obj):
+        try:
+            return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            pass  # a lone surrogate: let rfc8785 refuse it the same way
     out: bytes = rfc8785.dumps(obj)
     return out
 

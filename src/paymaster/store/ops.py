@@ -14,6 +14,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from fractions import Fraction
+from functools import lru_cache
 from typing import Any
 
 from paymaster.core.audit import EVENT_PREFIX, EVENT_TYPES, iso_time
@@ -123,7 +124,12 @@ class CommitCommand:
 
 
 def now_text(tx: Tx) -> str:
-    return iso_time(tx.now)
+    """The transaction's time as stored text, formatted once per transaction."""
+    cached: str | None = getattr(tx, "_now_text", None)
+    if cached is None:
+        cached = iso_time(tx.now)
+        setattr(tx, "_now_text", cached)  # noqa: B010 - Tx is a protocol; the adapters are plain objects
+    return cached
 
 
 def spend_jti(tx: Tx, jti: tuple[str, int]) -> bool:
@@ -177,8 +183,14 @@ def idem_store(tx: Tx, idem: Idem | None, answer: Answer) -> None:
     )
 
 
+@lru_cache(maxsize=256)
 def _threshold_fraction(text: str) -> Fraction:
     return Fraction(text)
+
+
+@lru_cache(maxsize=256)
+def _sorted_thresholds(thresholds: tuple[str, ...]) -> tuple[tuple[str, Fraction], ...]:
+    return tuple(sorted(((t, _threshold_fraction(t)) for t in thresholds), key=lambda pair: pair[1]))
 
 
 def budget_row(tx: Tx, budget_id: str) -> Row | None:
@@ -210,16 +222,23 @@ def used_text(row: Row) -> str:
     return f"{sign}{whole}.{frac:02d}"
 
 
-def check_thresholds(tx: Tx, budget_id: str, thresholds: Sequence[str], outbox: bool) -> list[str]:
-    """Record each newly crossed threshold once per budget window; return warnings."""
+def check_thresholds(
+    tx: Tx, budget_id: str, thresholds: Sequence[str], outbox: bool, row: Row | None = None
+) -> list[str]:
+    """Record each newly crossed threshold once per budget window; return warnings.
+    ``row`` is the budget as this transaction left it, when the caller has it already."""
     if not thresholds:
         return []
-    row = budget_row(tx, budget_id)
     if row is None:
-        return []
+        row = budget_row(tx, budget_id)
+        if row is None:
+            return []
+    limit = int(row["limit_n"])
+    used = int(row["spent_n"]) + int(row["reserved_n"])
     warnings: list[str] = []
-    for threshold in sorted(thresholds, key=_threshold_fraction):
-        if not used_reached(row, threshold):
+    for threshold, frac in _sorted_thresholds(tuple(thresholds)):
+        reached = used > 0 if limit <= 0 else used * frac.denominator >= frac.numerator * limit
+        if not reached:
             break
         changed = tx.execute(
             "INSERT INTO thresholds_crossed (budget_id, threshold, crossed_at) VALUES (?, ?, ?)"
@@ -348,8 +367,14 @@ def _ensure_budget(tx: Tx, spec: BudgetSpec, currency: str) -> bool:
     return True
 
 
-def _check_versions(tx: Tx, versions: Sequence[tuple[str, int]]) -> None:
+def _check_versions(
+    tx: Tx, versions: Sequence[tuple[str, int]], agent_version: tuple[str, int] | None
+) -> None:
     for owner, version in versions:
+        if agent_version is not None and owner == agent_version[0]:
+            if agent_version[1] != version:
+                raise StaleSnapshot(owner)
+            continue
         if owner.startswith("ag_"):
             row = tx.one("SELECT state_version AS v FROM agents WHERE id = ?", (owner,))
         else:
@@ -359,19 +384,21 @@ def _check_versions(tx: Tx, versions: Sequence[tuple[str, int]]) -> None:
             raise StaleSnapshot(owner)
 
 
-def _agent_gate(tx: Tx, agent_id: str | None) -> Answer | None:
+def _agent_gate(tx: Tx, agent_id: str | None) -> tuple[Answer | None, tuple[str, int] | None]:
     """Step 2 of the order of checks, read inside the transaction so that a freeze takes
-    effect on the very next reserve in every worker and replica."""
+    effect on the very next reserve in every worker and replica. Also returns the agent's
+    state version, for the snapshot check."""
     if agent_id is None:
-        return None
-    row = tx.one("SELECT status FROM agents WHERE id = ?", (agent_id,))
+        return None, None
+    row = tx.one("SELECT status, state_version FROM agents WHERE id = ?", (agent_id,))
     if row is None:
-        return _error(401, "agent_unknown", f"agent {agent_id} is not registered")
+        return _error(401, "agent_unknown", f"agent {agent_id} is not registered"), None
+    version = (agent_id, int(row["state_version"]))
     if row["status"] == "revoked":
-        return _error(401, "agent_revoked", f"agent {agent_id} is revoked")
+        return _error(401, "agent_revoked", f"agent {agent_id} is revoked"), version
     if row["status"] == "frozen":
-        return _error(403, "agent_frozen", f"agent {agent_id} is frozen")
-    return None
+        return _error(403, "agent_frozen", f"agent {agent_id} is frozen"), version
+    return None, version
 
 
 def _error(status: int, code: str, message: str, **fields: Any) -> Answer:
@@ -395,7 +422,7 @@ def _error(status: int, code: str, message: str, **fields: Any) -> Answer:
 def reserve(tx: Tx, cmd: ReserveCommand, *, outbox: bool = False) -> Answer:
     if cmd.jti is not None and not spend_jti(tx, cmd.jti):
         return _error(401, "spend_token_replayed", "this spend token was already used")
-    gate = _agent_gate(tx, cmd.agent_id)
+    gate, agent_version = _agent_gate(tx, cmd.agent_id)
     if gate is not None:
         if gate.status != 401:
             _record_denial(tx, cmd, gate)
@@ -403,7 +430,7 @@ def reserve(tx: Tx, cmd: ReserveCommand, *, outbox: bool = False) -> Answer:
     replay = idem_lookup(tx, cmd.idem)
     if replay is not None:
         return replay
-    _check_versions(tx, cmd.versions)
+    _check_versions(tx, cmd.versions, agent_version)
     if cmd.denial is not None:
         answer = Answer.error(cmd.denial)
         _record_denial(tx, cmd, answer)
@@ -414,8 +441,12 @@ def reserve(tx: Tx, cmd: ReserveCommand, *, outbox: bool = False) -> Answer:
         _record_denial(tx, cmd, loop)
         idem_store(tx, cmd.idem, loop)
         return loop
-    expire_due(tx, limit=EXPIRE_BATCH)
-    answer = _hold(tx, cmd, outbox)
+    answer = _hold(tx, cmd, outbox, record=False)
+    if answer.status == 402 and expire_due(tx, limit=EXPIRE_BATCH):
+        # holds past their expiry never cause a false denial: expire them and try again
+        answer = _hold(tx, cmd, outbox, record=False)
+    if not answer.ok:
+        _record_denial(tx, cmd, answer)
     idem_store(tx, cmd.idem, answer)
     return answer
 
@@ -446,7 +477,7 @@ def _loop_guard(tx: Tx, cmd: ReserveCommand) -> Answer | None:
     return None
 
 
-def _hold(tx: Tx, cmd: ReserveCommand, outbox: bool) -> Answer:
+def _hold(tx: Tx, cmd: ReserveCommand, outbox: bool, *, record: bool = True) -> Answer:
     held: list[tuple[BudgetSpec, Row]] = []
     shadow_denials: list[str] = []
     denial: Answer | None = None
@@ -495,7 +526,8 @@ def _hold(tx: Tx, cmd: ReserveCommand, outbox: bool) -> Answer:
                 held.append((spec, row))
     except _Rollback:
         assert denial is not None
-        _record_denial(tx, cmd, denial)
+        if record:
+            _record_denial(tx, cmd, denial)
         return denial
 
     if cmd.tier_key is not None:
@@ -551,12 +583,10 @@ def _hold(tx: Tx, cmd: ReserveCommand, outbox: bool) -> Answer:
         data["shadow_denials"] = shadow_denials
     tx.emit("dev.paymaster.reservation.allowed", cmd.reservation_id, data)
     warnings: list[str] = []
-    for spec in path:
-        warnings.extend(check_thresholds(tx, spec.id, spec.thresholds, outbox))
     budgets = []
-    for spec, _ in held:
-        row = budget_row(tx, spec.id)
-        assert row is not None
+    # each row is as this transaction leaves it: no budget is updated twice in one reserve
+    for spec, row in held:
+        warnings.extend(check_thresholds(tx, spec.id, spec.thresholds, outbox, row))
         budgets.append({"id": spec.id, "remaining": format_nanos(remaining_of(row)), "mode": row["mode"]})
     body: dict[str, Any] = {
         "reservation_id": cmd.reservation_id,
@@ -674,11 +704,15 @@ def settle(
     overrun = amount > held
     path = _path_from_json(str(res["budgets"]))
     tx.lock_budgets([bid for bid, _ in path])
+    after: dict[str, Row] = {}
     for budget_id, _ in path:
-        tx.execute(
-            "UPDATE budgets SET reserved_n = reserved_n - ?, spent_n = spent_n + ? WHERE id = ?",
+        row = tx.one(
+            "UPDATE budgets SET reserved_n = reserved_n - ?, spent_n = spent_n + ? WHERE id = ?"
+            " RETURNING limit_n, spent_n, reserved_n, currency",
             (held, amount, budget_id),
         )
+        if row is not None:
+            after[budget_id] = row
     quantity = quantity or res["quantity"] or "1"
     unit = unit or res["unit"] or "call"
     entry_id = new_id("le_")
@@ -749,7 +783,8 @@ def settle(
         },
     )
     for budget_id, thresholds in path:
-        check_thresholds(tx, budget_id, thresholds, outbox)
+        if budget_id in after:
+            check_thresholds(tx, budget_id, thresholds, outbox, after[budget_id])
     return Answer(
         200,
         {

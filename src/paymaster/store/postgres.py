@@ -416,6 +416,7 @@ class PostgresStore:
             open=False,
             name="paymaster-writers",
             timeout=pool_timeout,
+            reconnect_timeout=pool_timeout,  # bounds the backoff: back within seconds of the database
         )
         self._rpool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             url,
@@ -426,6 +427,7 @@ class PostgresStore:
             open=False,
             name="paymaster-readers",
             timeout=pool_timeout,
+            reconnect_timeout=pool_timeout,  # bounds the backoff: back within seconds of the database
         )
         try:
             self._wpool.open(wait=True, timeout=pool_timeout)

@@ -9,6 +9,7 @@ read inside each write transaction, so their events form one chain.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import queue
 import sqlite3
@@ -23,7 +24,7 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from paymaster.core.audit import GENESIS_HASH, MAIN_CHAIN, Head, build_event, event_hash, sign_head
+from paymaster.core.audit import GENESIS_HASH, MAIN_CHAIN, Head, build_event, canonical, sign_head
 from paymaster.ids import new_id
 from paymaster.store.base import Params, Row, StoreUnavailable
 
@@ -274,18 +275,12 @@ class SqliteStore:
             seq=seq,
             prevhash=self._hash,
         )
-        digest = event_hash(event)
+        # the canonical bytes are hashed and stored: one serialisation per event
+        body = canonical(event)
+        digest = hashlib.sha256(body).hexdigest()
         conn.execute(
             "INSERT INTO events (seq, id, type, time, subject, hash, event) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                seq,
-                event["id"],
-                event_type,
-                event["time"],
-                subject,
-                digest,
-                json.dumps(event, separators=(",", ":")),
-            ),
+            (seq, event["id"], event_type, event["time"], subject, digest, body.decode("utf-8")),
         )
         self._seq, self._hash, self._dirty = seq, digest, True
         return event
