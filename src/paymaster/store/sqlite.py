@@ -9,14 +9,16 @@ read inside each write transaction, so their events form one chain.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -136,6 +138,9 @@ class SqliteStore:
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._writer = _connect(path)
+        # Writers of several processes on one file queue on this lock: the kernel wakes the
+        # next one the moment it is free, where SQLite's own busy handler sleeps and retries.
+        self._process_lock = _ProcessLock(path + ".writer-lock") if path != ":memory:" else None
         self.migrate()
         self._queue: queue.SimpleQueue[tuple[Callable[[Any], Any], Future[Any]] | None] = queue.SimpleQueue()
         self._local = threading.local()
@@ -208,6 +213,13 @@ class SqliteStore:
             self._run_batch(batch)
 
     def _run_batch(self, batch: list[tuple[Callable[[Any], Any], Future[Any]]]) -> None:
+        if self._process_lock is None:
+            self._run_locked_batch(batch)
+            return
+        with self._process_lock:
+            self._run_locked_batch(batch)
+
+    def _run_locked_batch(self, batch: list[tuple[Callable[[Any], Any], Future[Any]]]) -> None:
         conn = self._writer
         results: list[tuple[Future[Any], bool, Any]] = []
         try:
@@ -378,13 +390,29 @@ class SqliteStore:
         self._queue.put(None)
         self._thread.join(timeout=10)
         self._writer.close()
+        if self._process_lock is not None:
+            self._process_lock.close()
         with self._readers_lock:
             for conn in self._readers:
-                try:
+                with suppress(sqlite3.Error):
                     conn.close()
-                except sqlite3.Error:
-                    pass
             self._readers.clear()
+
+
+class _ProcessLock:
+    """An exclusive ``flock`` on a file beside the database, held around each write batch."""
+
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def __enter__(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 def _translate(exc: Exception) -> Exception:
