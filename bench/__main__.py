@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bench import ledger
+from bench import ledger, postgres
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,11 @@ class Section:
 
 SECTIONS: list[Section] = [
     Section("ledger", "reserve+commit pairs per second in process, by concurrent callers", ledger.main),
+    Section(
+        "postgres",
+        "pairs/s and reserve p99 over HTTP, 1 vs 2 replicas on PostgreSQL; freeze-to-denial across replicas",
+        postgres.section,
+    ),
 ]
 
 

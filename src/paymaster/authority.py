@@ -29,6 +29,7 @@ from paymaster.errors import (
     AgentRevoked,
     AgentUnknown,
     ConnectorBlocked,
+    InvalidAmount,
     InvalidRequest,
     NotFound,
     PerCallLimitExceeded,
@@ -324,7 +325,21 @@ class Authority:
         ttl = req.ttl_seconds if req.ttl_seconds is not None else self.settings.reservation_ttl
         expires_at = now + timedelta(seconds=max(1, ttl))
         scope = f"{principal}:reserve"
-        idem = Idem(scope, req.idempotency_key, req.body_hash) if req.idempotency_key else None
+        request_hash = req.body_hash or body_hash(
+            [
+                req.connector,
+                req.amount,
+                req.usage_estimate,
+                req.session,
+                req.task,
+                req.input_hash,
+                req.ttl_seconds,
+                dict(req.metadata),
+                req.principal,
+                req.agent_id,
+            ]
+        )
+        idem = Idem(scope, req.idempotency_key, request_hash) if req.idempotency_key else None
         base: dict[str, Any] = dict(
             reservation_id=new_id("res_"),
             decision_id=decision_id,
@@ -400,6 +415,8 @@ class Authority:
                 )
             else:
                 amount = self._price(req, connector, now)
+            if amount < 0:
+                raise InvalidAmount("amount must not be negative")
             # 8. per-call maximum and token max
             limit = pol.per_call_limit(policies, req.connector, category)
             if limit is not None and amount > limit:
@@ -556,8 +573,11 @@ class Authority:
         unit: str | None = None,
         reason: str | None = None,
     ) -> dict[str, Any]:
+        if amount is not None and amount < 0:
+            raise InvalidAmount("amount must not be negative")
         self._check_settle_rights(reservation_id, caller)
-        idem = Idem(f"commit:{reservation_id}", idempotency_key, body_hash(body)) if idempotency_key else None
+        request = body if body is not None else [amount, estimated, quantity, unit, reason]
+        idem = Idem(f"commit:{reservation_id}", idempotency_key, body_hash(request)) if idempotency_key else None
         cmd = ops.CommitCommand(
             reservation_id=reservation_id,
             amount=amount,
@@ -880,11 +900,6 @@ class Authority:
                                 str(obj.get("chain", MAIN_CHAIN)),
                             )
                         )
-        snapshot = getattr(self.store, "audit_snapshot", None)
-        if callable(snapshot):
-            # heads, events and their count as of one instant: no false alarm beside live writes
-            snap_chains, snap_total = snapshot()
-            return verify_chains(snap_chains, [self.public_key], sink_heads=sink_heads, total_events=snap_total)
         heads = self.store.chain_heads()
         chains: list[tuple[str, Head | None, Iterator[dict[str, Any]]]] = [
             (h.chain, h, self.store.events(chain=h.chain, limit=h.seq)) for h in heads

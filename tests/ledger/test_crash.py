@@ -244,7 +244,13 @@ def test_the_ledger_survives_repeated_crashes(storm_db: Storm, tmp_path: Path) -
             authority.store.close()
 
 
+# Many more seeds, only when the run asks for them (``make soak`` runs ``-m soak``), so that a
+# plain ``pytest tests/ledger`` stays short.
+SOAK_NOT_SELECTED = "'soak' not in (config.getoption('markexpr') or '').replace('not soak', '')"
+
+
 @pytest.mark.soak
+@pytest.mark.skipif(SOAK_NOT_SELECTED, reason="a soak test: run with -m soak (make soak)")
 @pytest.mark.parametrize("seed", range(1000, 1060))
 def test_soak_killed_storms(storm_db: Storm, tmp_path: Path, seed: int) -> None:
     crash_and_recover(storm_db, tmp_path, seed)

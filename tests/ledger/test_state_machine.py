@@ -173,26 +173,31 @@ class LedgerMachine(RuleBasedStateMachine):
     def reserve_exactly_what_is_left(self, who: int, over: bool, ttl: int | None) -> None:
         """The boundary: the smallest remaining on the path fits exactly; one nano more does not."""
         agent = self.agents[who % len(self.agents)]
-        for res in self.due():
-            self.expire(res)
         left = min(
             (b.limit - b.spent - b.reserved) if (b := self.model.budgets.get(i)) else limit
             for i, _, limit in self.path(agent)
         )
         self.reserve_and_check(agent, max(left, 0) + (1 if over else 0), ttl, keyed=False)
 
-    def reserve_and_check(self, agent: str, amount: int, ttl: int | None, keyed: bool) -> None:
-        key = self.h.key("rsv") if keyed else None
-        answer = self.h.reserve_answer(agent, format_nanos(amount), ttl=ttl, key=key)
-        for res in self.due():  # every reserve sweeps the due holds first
-            self.expire(res)
-        path = self.path(agent)
-        expected: tuple[str, str] | None = None
+    def first_that_cannot_hold(self, path: list[tuple[str, str, int]], amount: int) -> tuple[str, str] | None:
+        """(code, budget id) of the first budget on the path that cannot hold ``amount``."""
         for budget_id, kind, limit in path:
             budget = self.model.budgets.get(budget_id) or MBudget(kind, limit)
             if budget.limit - budget.spent - budget.reserved < amount:
-                expected = ("balance_insufficient" if kind == "wallet" else "policy_cap_exceeded", budget_id)
-                break
+                return ("balance_insufficient" if kind == "wallet" else "policy_cap_exceeded", budget_id)
+        return None
+
+    def reserve_and_check(self, agent: str, amount: int, ttl: int | None, keyed: bool) -> None:
+        key = self.h.key("rsv") if keyed else None
+        answer = self.h.reserve_answer(agent, format_nanos(amount), ttl=ttl, key=key)
+        path = self.path(agent)
+        expected = self.first_that_cannot_hold(path, amount)
+        if expected is not None and self.due():
+            # a hold that fails expires the holds past their expiry and tries once more:
+            # a due hold never causes a denial
+            for res in self.due():
+                self.expire(res)
+            expected = self.first_that_cannot_hold(path, amount)
         if expected is not None:
             assert answer.status == 402, answer
             assert (answer.body["error"]["code"], answer.body["error"]["budget_id"]) == expected

@@ -362,27 +362,6 @@ class SqliteStore:
         )
         return {} if row is None or row["s"] is None else {MAIN_CHAIN: int(row["s"])}
 
-    def audit_snapshot(
-        self,
-    ) -> tuple[list[tuple[str, Head | None, Iterator[dict[str, Any]]]], int]:
-        """The chain, its signed head and the number of events, as of one instant (one read
-        transaction, held until the events are read), so that a verification beside live
-        writes never sees events that its head does not cover yet."""
-        conn = _connect(self.path)
-        conn.execute("BEGIN")
-        row = conn.execute("SELECT seq, hash, sig FROM audit_head WHERE id = 1").fetchone()
-        (total,) = conn.execute("SELECT COUNT(*) FROM events").fetchone()
-
-        def stream() -> Iterator[dict[str, Any]]:
-            try:
-                for (text,) in conn.execute("SELECT event FROM events ORDER BY seq"):
-                    yield json.loads(text)
-            finally:
-                conn.close()
-
-        head = None if row is None else Head(int(row[0]), str(row[1]), str(row[2]), MAIN_CHAIN)
-        return [(MAIN_CHAIN, head, stream())], int(total)
-
     def close(self) -> None:
         if self._closed:
             return
