@@ -340,27 +340,27 @@ class Authority:
             ]
         )
         idem = Idem(scope, req.idempotency_key, request_hash) if req.idempotency_key else None
-        base: dict[str, Any] = dict(
-            reservation_id=new_id("res_"),
-            decision_id=decision_id,
-            principal=principal,
-            agent_id=agent_id,
-            connector=req.connector,
-            category=req.category,
-            currency=self.currency,
-            expires_at=expires_at,
-            idem=idem,
-            jti=caller.jti,
-            session=req.session,
-            task=req.task,
-            input_hash=req.input_hash,
-            tier_key=req.tier_key,
-            quantity=req.quantity,
-            unit=req.unit,
-            request_sent=req.request_sent,
-            metadata=req.metadata,
-            extra_response=req.extra_response,
-        )
+        base: dict[str, Any] = {
+            "reservation_id": new_id("res_"),
+            "decision_id": decision_id,
+            "principal": principal,
+            "agent_id": agent_id,
+            "connector": req.connector,
+            "category": req.category,
+            "currency": self.currency,
+            "expires_at": expires_at,
+            "idem": idem,
+            "jti": caller.jti,
+            "session": req.session,
+            "task": req.task,
+            "input_hash": req.input_hash,
+            "tier_key": req.tier_key,
+            "quantity": req.quantity,
+            "unit": req.unit,
+            "request_sent": req.request_sent,
+            "metadata": req.metadata,
+            "extra_response": req.extra_response,
+        }
         amount = req.amount or 0
         versions: list[tuple[str, int]] = []
         try:
@@ -377,7 +377,7 @@ class Authority:
             versions.extend((p.name, p.policy_version) for p in chain)
             if caller.kind == "service" and not self._service_may_charge(caller, agent, principal):
                 raise InvalidRequest(f"this service key may not charge {principal}", status=403)
-            policies = [p for p in ([agent.policy] if agent and agent.policy else [])]
+            policies = list([agent.policy] if agent and agent.policy else [])
             policies += [p.policy for p in chain if p.policy is not None]
             connector = self.settings.connector(req.connector)
             category = (
@@ -577,7 +577,9 @@ class Authority:
             raise InvalidAmount("amount must not be negative")
         self._check_settle_rights(reservation_id, caller)
         request = body if body is not None else [amount, estimated, quantity, unit, reason]
-        idem = Idem(f"commit:{reservation_id}", idempotency_key, body_hash(request)) if idempotency_key else None
+        idem = (
+            Idem(f"commit:{reservation_id}", idempotency_key, body_hash(request)) if idempotency_key else None
+        )
         cmd = ops.CommitCommand(
             reservation_id=reservation_id,
             amount=amount,
@@ -722,8 +724,8 @@ class Authority:
     def _principal_policy_json(self, name: str) -> Any:
         row = self.store.read(
             lambda tx: tx.one(
-                "SELECT p.policy FROM policies p JOIN principals r ON r.name = p.owner AND r.policy_version = p.version"
-                " WHERE r.name = ?",
+                "SELECT p.policy FROM policies p JOIN principals r"
+                " ON r.name = p.owner AND r.policy_version = p.version WHERE r.name = ?",
                 (name,),
             )
         )
@@ -922,7 +924,8 @@ def check_principal_name(name: Any) -> str:
         or any(c.isspace() for c in name)
     ):
         raise InvalidRequest(
-            "a principal name is a non-empty string without '/' or spaces that does not start with ag_ or task_"
+            "a principal name is a non-empty string without '/' or spaces"
+            " that does not start with ag_ or task_"
         )
     return name
 

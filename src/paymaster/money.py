@@ -87,8 +87,7 @@ def decimal_to_nanos_ceil(value: Decimal | str) -> int:
     if not dec.is_finite():
         raise InvalidAmount(f"{value!r} is not finite")
     scaled = dec * NANOS_PER_UNIT
-    integral = int(scaled.to_integral_value(rounding="ROUND_CEILING"))
-    return integral
+    return int(scaled.to_integral_value(rounding="ROUND_CEILING"))
 
 
 def fraction_string(numerator: int, denominator: int, places: int = 4) -> str:

@@ -170,7 +170,8 @@ def idem_store(tx: Tx, idem: Idem | None, answer: Answer) -> None:
     if idem is None:
         return
     tx.execute(
-        "INSERT INTO idempotency (scope, key, body_hash, status, response, created_at) VALUES (?, ?, ?, ?, ?, ?)"
+        "INSERT INTO idempotency (scope, key, body_hash, status, response, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (scope, key) DO NOTHING",
         (
             idem.scope,
@@ -718,7 +719,8 @@ def settle(
     entry_id = new_id("le_")
     unit_cost = _unit_cost(amount, quantity)
     tx.execute(
-        "INSERT INTO ledger (id, kind, time, agent_id, principal, connector, category, input_hash, quantity, unit,"
+        "INSERT INTO ledger (id, kind, time, agent_id, principal, connector, category, input_hash,"
+        " quantity, unit,"
         " unit_cost, total_n, currency, reservation_id, task, session, budgets, estimated, overrun, reason)"
         " VALUES (?, 'charge', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
@@ -907,7 +909,8 @@ def refund(tx: Tx, ledger_entry_id: str, amount: int, reason: str, idem: Idem | 
             answer = _error(
                 422,
                 "invalid_amount",
-                f"a refund of {format_nanos(amount)} is more than the {format_nanos(left)} left of the charge",
+                f"a refund of {format_nanos(amount)} is more than"
+                f" the {format_nanos(left)} left of the charge",
                 requested=format_nanos(amount),
                 remaining=format_nanos(left),
                 currency=entry["currency"],
@@ -922,8 +925,9 @@ def refund(tx: Tx, ledger_entry_id: str, amount: int, reason: str, idem: Idem | 
             )
             refund_id = new_id("rf_")
             tx.execute(
-                "INSERT INTO ledger (id, kind, time, agent_id, principal, connector, category, input_hash, quantity,"
-                " unit, unit_cost, total_n, currency, reservation_id, refund_of, task, session, budgets, reason)"
+                "INSERT INTO ledger (id, kind, time, agent_id, principal, connector, category,"
+                " input_hash, quantity, unit, unit_cost, total_n, currency, reservation_id,"
+                " refund_of, task, session, budgets, reason)"
                 " VALUES (?, 'refund', ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     refund_id,
@@ -1073,7 +1077,8 @@ def set_policy(tx: Tx, owner: str, policy: Mapping[str, Any]) -> int:
     for cap in policy.get("caps", []):
         scope, period = cap.get("scope", "all"), cap.get("period")
         tx.execute(
-            "UPDATE budgets SET limit_n = ?, mode = ? WHERE kind = 'cap' AND owner = ? AND scope = ? AND period = ?"
+            "UPDATE budgets SET limit_n = ?, mode = ?"
+            " WHERE kind = 'cap' AND owner = ? AND scope = ? AND period = ?"
             " AND (window_end IS NULL OR window_end > ?)",
             (parse_nanos(cap["limit"]), cap.get("mode", "enforce"), owner, scope, period, now_text(tx)),
         )

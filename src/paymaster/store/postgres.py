@@ -104,6 +104,11 @@ LOCKING_READS: Mapping[str, str] = {
     ),
     # status changes (revoke is final), fund, and the reserve's status gate
     "SELECT status FROM agents WHERE id = ?": "SELECT status FROM agents WHERE id = ? FOR UPDATE",
+    # the reserve's status gate: shared, so reserves of one agent do not queue on each other,
+    # while a freeze or revoke waits for the reserves in flight and the next ones wait for it
+    "SELECT status, state_version FROM agents WHERE id = ?": (
+        "SELECT status, state_version FROM agents WHERE id = ? FOR SHARE"
+    ),
 }
 # Before this lookup (in a write transaction) the (scope, key) advisory lock is taken, so a second
 # request with the same key waits for the first to commit and then replays its answer.

@@ -243,7 +243,8 @@ class SqliteStore:
                 sig = sign_head(self._key, self._seq, self._hash)
                 conn.execute(
                     "INSERT INTO audit_head (id, seq, hash, sig) VALUES (1, ?, ?, ?)"
-                    " ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, sig = excluded.sig",
+                    " ON CONFLICT (id) DO UPDATE"
+                    " SET seq = excluded.seq, hash = excluded.hash, sig = excluded.sig",
                     (self._seq, self._hash, sig),
                 )
                 sealed = (self._seq, self._hash, sig)
