@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bench import ledger, postgres
+from bench import gateway, http, ledger, postgres
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,16 @@ class Section:
 
 SECTIONS: list[Section] = [
     Section("ledger", "reserve+commit pairs per second in process, by concurrent callers", ledger.main),
+    Section(
+        "http",
+        "reserve+commit pairs/s over HTTP (serve --workers 2, SQLite) and reserve p50/p99",
+        http.section,
+    ),
+    Section(
+        "gateway",
+        "direct call vs bare proxy vs governed gateway: p50/p99 overhead and calls/s at 32 clients",
+        lambda args: print(gateway.report(gateway.run(seconds=args.seconds), 32)),
+    ),
     Section(
         "postgres",
         "pairs/s and reserve p99 over HTTP, 1 vs 2 replicas on PostgreSQL; freeze-to-denial across replicas",
