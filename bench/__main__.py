@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bench import gateway, http, ledger, postgres
+from bench import gateway, http, ledger, peer, postgres
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,11 @@ SECTIONS: list[Section] = [
         "pairs/s and reserve p99 over HTTP, 1 vs 2 replicas on PostgreSQL; freeze-to-denial across replicas",
         postgres.section,
     ),
+    Section(
+        "peer",
+        "LiteLLM proxy budget vs governed gateway: $0.01, 500 calls at 50: admitted, spent, overshoot",
+        peer.section,
+    ),
 ]
 
 
@@ -58,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=[s.name for s in SECTIONS], help="run one section")
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per row (default 5)")
     parser.add_argument("--profile", action="store_true", help="also profile where the time goes (cProfile)")
+    parser.add_argument("--peer", action="store_true", help="peer: install the LiteLLM venv if missing")
     args = parser.parse_args(argv)
     print(environment())
     for section in SECTIONS:
