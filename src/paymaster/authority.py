@@ -589,6 +589,7 @@ class Authority:
             idem=idem,
             jti=caller.jti,
             reason=reason,
+            owner_agent=caller.agent_id if caller.kind == "agent" else None,
         )
         result = self._raise_or(self._write(lambda tx: ops.commit(tx, cmd, outbox=self.alerts_enabled)))
         agent_id = result.get("agent_id") or caller.agent_id
@@ -598,9 +599,19 @@ class Authority:
 
     def release(self, reservation_id: str, *, caller: Caller, reason: str | None = None) -> dict[str, Any]:
         self._check_settle_rights(reservation_id, caller)
-        return self._raise_or(self._write(lambda tx: ops.release(tx, reservation_id, reason, jti=caller.jti)))
+        owner = caller.agent_id if caller.kind == "agent" else None
+        return self._raise_or(
+            self._write(lambda tx: ops.release(tx, reservation_id, reason, jti=caller.jti, owner_agent=owner))
+        )
 
     def _check_settle_rights(self, reservation_id: str, caller: Caller) -> None:
+        """Admins settle anything; an agent its own reservations (checked inside the verb's
+        transaction: see ``owner_agent``); a service key what lies below its principal."""
+        if caller.kind == "service":
+            self.check_reservation_access(reservation_id, caller)
+
+    def check_reservation_access(self, reservation_id: str, caller: Caller) -> None:
+        """Raise ``not_found`` unless ``caller`` may see this reservation."""
         if caller.kind == "admin":
             return
         row = self.store.read(

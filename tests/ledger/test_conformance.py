@@ -22,6 +22,7 @@ from paymaster.errors import (
     InvalidAmount,
     InvalidRequest,
     NoBudgetConfigured,
+    NotFound,
     PolicyCapExceeded,
     ReservationExpired,
     ReservationSettled,
@@ -682,3 +683,22 @@ def test_freeze_unfreeze_and_revoke(ledger: Ledger) -> None:
         e["type"].rsplit(".", 1)[1] for e in ledger.events() if e["type"].startswith("dev.paymaster.agent.")
     ]
     assert types == ["created", "frozen", "unfrozen", "revoked"]
+
+
+def test_an_agent_settles_only_its_own_reservations(ledger: Ledger) -> None:
+    owner = ledger.agent(fund="1.00", name="owner")
+    other = ledger.agent(fund="1.00", name="other")
+    res = ledger.reserve(owner, "0.40")
+    intruder = Caller("agent", agent_id=other)
+    with pytest.raises(NotFound):
+        ledger.authority.commit(res["reservation_id"], amount=n("0.10"), caller=intruder)
+    with pytest.raises(NotFound):
+        ledger.authority.release(res["reservation_id"], caller=intruder)
+    with pytest.raises(NotFound):
+        ledger.authority.check_reservation_access(res["reservation_id"], intruder)
+    assert ledger.reservation(res["reservation_id"])["status"] == "held"
+    assert ledger.state(f"{owner}/total") == (n("1.00"), 0, n("0.40"))
+    committed = ledger.authority.commit(
+        res["reservation_id"], amount=n("0.10"), caller=Caller("agent", agent_id=owner)
+    )
+    assert committed["charged"] == "0.10"

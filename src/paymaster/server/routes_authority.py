@@ -178,7 +178,7 @@ def get_reservation(authority: Authority, req: Incoming) -> tuple[int, Any]:
     reservation_id = req.param("id")
     if caller.kind != "admin":
         # the rule commit and release apply: someone else's reservation does not exist
-        authority._check_settle_rights(reservation_id, caller)
+        authority.check_reservation_access(reservation_id, caller)
     return 200, authority.query_reservation(reservation_id)
 
 

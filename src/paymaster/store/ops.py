@@ -118,6 +118,7 @@ class CommitCommand:
     idem: Idem | None = None
     jti: tuple[str, int] | None = None
     reason: str | None = None
+    owner_agent: str | None = None  # an agent settling: only its own reservations
 
 
 # ---------------------------------------------------------------- helpers
@@ -658,12 +659,12 @@ def _is_due(tx: Tx, res: Row) -> bool:
 def commit(tx: Tx, cmd: CommitCommand, *, outbox: bool = False) -> Answer:
     if cmd.jti is not None and not spend_jti(tx, cmd.jti):
         return _error(401, "spend_token_replayed", "this spend token was already used")
+    res = _reservation(tx, cmd.reservation_id)
+    if res is None or (cmd.owner_agent is not None and res["agent_id"] != cmd.owner_agent):
+        return _not_found("reservation")
     replay = idem_lookup(tx, cmd.idem)
     if replay is not None:
         return replay
-    res = _reservation(tx, cmd.reservation_id)
-    if res is None:
-        return _not_found("reservation")
     if _is_due(tx, res):
         expire_one(tx, res, outbox=outbox)
         answer = _expired(res)
@@ -815,11 +816,18 @@ def _unit_cost(total: int, quantity: str) -> str:
     return format_nanos(nanos)
 
 
-def release(tx: Tx, reservation_id: str, reason: str | None, *, jti: tuple[str, int] | None = None) -> Answer:
+def release(
+    tx: Tx,
+    reservation_id: str,
+    reason: str | None,
+    *,
+    jti: tuple[str, int] | None = None,
+    owner_agent: str | None = None,
+) -> Answer:
     if jti is not None and not spend_jti(tx, jti):
         return _error(401, "spend_token_replayed", "this spend token was already used")
     res = _reservation(tx, reservation_id)
-    if res is None:
+    if res is None or (owner_agent is not None and res["agent_id"] != owner_agent):
         return _not_found("reservation")
     if res["status"] == "released":
         return Answer(200, {"reservation_id": res["id"], "released": format_nanos(int(res["amount_n"]))})
