@@ -341,7 +341,7 @@ def pg_admin(sql: str) -> None:
     import psycopg
 
     with psycopg.connect(PG_BASE_URL, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(sql)  # type: ignore[arg-type]
+        conn.execute(sql)  # type: ignore[arg-type,unused-ignore]
 
 
 def free_port() -> int:

@@ -6,7 +6,8 @@
   ``postgresql://postgres@127.0.0.1:5432/test``) and dropped afterwards — skipped when the
   server does not answer, failed instead with ``PAYMASTER_REQUIRE_PG=1`` — or one SQLite file.
   It waits until every worker has started and ``/healthz`` answers, and can SIGKILL, stop and
-  restart any replica.
+  restart any replica. One cluster runs at a time on the machine (a file lock), whatever xdist
+  does, so that clusters never compete for the PostgreSQL server's connections.
 - :class:`Storm` drives agents' reserves, commits, releases, refunds and gateway calls from
   threads (httpx) spread over the live replicas, journals what each request got back (or that
   it got nothing: the request was in flight when its replica died), and afterwards retries
@@ -22,6 +23,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import itertools
 import json
@@ -33,6 +36,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
@@ -110,7 +114,7 @@ def pg_admin(sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     import psycopg
 
     with psycopg.connect(PG_BASE_URL, autocommit=True, connect_timeout=5) as conn:
-        cur = conn.execute(sql, params)  # type: ignore[arg-type]
+        cur = conn.execute(sql, params)
         return list(cur.fetchall()) if cur.description else []
 
 
@@ -445,6 +449,29 @@ pricing = {{ per_call = [{{ up_to = 3, price = "0.005" }}, {{ price = "0.012" }}
 
 
 ClusterFactory = Callable[..., Cluster]
+LOCK_FILE = Path(tempfile.gettempdir()) / "paymaster-replicas.lock"
+
+
+@contextlib.contextmanager
+def one_cluster_at_a_time(timeout: float = 900.0) -> Iterator[None]:
+    """An exclusive lock on one file of the machine's temporary directory, so that clusters of
+    xdist workers (``--dist loadgroup`` does not group on pytest 9.2: pytest-xdist#1386) and of
+    concurrent runs never share the PostgreSQL server's connections: a cluster of two
+    ``--workers 2`` replicas may open up to 68 of its default 100."""
+    with open(LOCK_FILE, "a+b") as fh:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{LOCK_FILE} stayed locked for {timeout:.0f}s") from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 @pytest.fixture
@@ -454,6 +481,7 @@ def make_cluster(tmp_path: Path) -> Iterator[ClusterFactory]:
     healthy. Every process is killed and the database dropped after the test."""
     made: list[Cluster] = []
     databases: list[str] = []
+    exclusive = contextlib.ExitStack()
 
     def make(
         *,
@@ -463,6 +491,8 @@ def make_cluster(tmp_path: Path) -> Iterator[ClusterFactory]:
         provider: Any = None,
         ttl: int = 300,
     ) -> Cluster:
+        if not made:
+            exclusive.enter_context(one_cluster_at_a_time())
         workdir = tmp_path / f"cluster-{len(made)}"
         home = workdir / "home"
         home.mkdir(parents=True)
@@ -506,6 +536,7 @@ def make_cluster(tmp_path: Path) -> Iterator[ClusterFactory]:
                 print(f"--- replica {replica.index} (last start) ---\n{replica.tail(15)}")
     for name in databases:
         drop_database(name)
+    exclusive.close()
 
 
 # ---------------------------------------------------------------- agents
@@ -531,15 +562,6 @@ def reserve(
 ) -> httpx.Response:
     body = {"connector": "tool", "amount": amount, "idempotency_key": key or secrets.token_hex(8), **fields}
     return client.post("/v1/reservations", json=body, headers=agent.headers())
-
-
-def commit(
-    client: httpx.Client, agent: Agent, reservation_id: str, amount: str | None = None
-) -> httpx.Response:
-    body: dict[str, Any] = {"idempotency_key": secrets.token_hex(8)}
-    if amount is not None:
-        body["amount"] = amount
-    return client.post(f"/v1/reservations/{reservation_id}/commit", json=body, headers=agent.headers())
 
 
 def error_code(response: httpx.Response) -> str | None:
@@ -608,6 +630,7 @@ class Database:
     def _connect(self) -> Any:
         if self._conn is not None:
             return self._conn
+        conn: Any
         if self.backend == "postgresql":
             import psycopg
 
@@ -699,12 +722,12 @@ def check_database(snap: Snapshot) -> int:
             if charges[res_id] or int(res["charged_n"] or 0):
                 problems.append(f"{res_id}: {res['status']} without a ledger entry, yet charged")
             continue
-        entry = snap.ledger.get(str(entry_id))
+        charge = snap.ledger.get(str(entry_id))
         if (
             charges[res_id] != 1
-            or entry is None
-            or entry["reservation_id"] != res_id
-            or int(entry["total_n"]) != int(res["charged_n"])
+            or charge is None
+            or charge["reservation_id"] != res_id
+            or int(charge["total_n"]) != int(res["charged_n"])
         ):
             problems.append(f"{res_id}: {charges[res_id]} charges; its entry {entry_id} does not match")
     refunded: Counter[str] = Counter()
@@ -833,7 +856,7 @@ def check_through_api(cluster: Cluster, index: int) -> ApiFigures:
     figures.budgets = len(budgets)
     problems: list[str] = []
     charges: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    refunds: Counter[str] = Counter()
+    refunds: dict[str, Decimal] = defaultdict(Decimal)
     spent: dict[str, Decimal] = defaultdict(Decimal)
     for entry in entries:
         if entry["kind"] == "charge":
@@ -948,6 +971,8 @@ class StormFigures:
     refused: int = 0
     replayed: int = 0
     gateway_calls: int = 0
+    gateway_made: int = 0
+    denied: int = 0
 
 
 class Storm:
@@ -1025,13 +1050,13 @@ class Storm:
                 charge = rng.choice(self.charges) if self.charges else None
             if charge is not None:
                 op_id = self._new_id("refund")
-                body = {
+                refund = {
                     "ledger_entry_id": charge[0],
                     "amount": "0.01",
                     "reason": op_id,
                     "idempotency_key": op_id,
                 }
-                self.send(Op(op_id, "refund", "POST", "/v1/refunds", body, None), rng)
+                self.send(Op(op_id, "refund", "POST", "/v1/refunds", refund, None), rng)
                 return
         op_id = self._new_id("res")
         body: dict[str, Any] = {
@@ -1133,6 +1158,10 @@ class Storm:
                 )
         figures.answered = len(answered)
         figures.gateway_calls = sum(1 for op in self.ops if op.kind == "gateway")
+        figures.gateway_made = sum(1 for op in self.ops if op.kind == "gateway" and op.status == 200)
+        figures.denied = sum(
+            1 for op in answered if op.kind in ("reserve", "gateway") and op.status in (402, 403)
+        )
         return figures
 
     def check(self, api: ApiFigures, provider: Any) -> None:
@@ -1197,14 +1226,14 @@ def error_code_of(answer: Any) -> str | None:
 
 STORM_TEAM_POLICY = {
     "caps": [
-        {"scope": "all", "period": "day", "limit": "14.00"},
+        {"scope": "all", "period": "day", "limit": "24.00"},
         {"scope": "connector:search", "period": "day", "limit": "3.00", "mode": "shadow"},
     ]
 }
 STORM_AGENT_POLICY = {
     "caps": [
-        {"scope": "all", "period": "day", "limit": "4.00"},
-        {"scope": "connector:tool", "period": "hour", "limit": "2.50"},
+        {"scope": "all", "period": "day", "limit": "6.00"},
+        {"scope": "connector:tool", "period": "hour", "limit": "4.00"},
         {"scope": "all", "period": "session", "limit": "1.50"},
     ]
 }
@@ -1216,7 +1245,7 @@ def storm_agents(cluster: Cluster, count: int = 4) -> list[Agent]:
     cluster.admin_json(0, "PUT", "/v1/principals/team-storm", expect=201, json={"policy": STORM_TEAM_POLICY})
     return [
         cluster.create_agent(
-            i % len(cluster.replicas), fund="5.00", policy=STORM_AGENT_POLICY, parent="team-storm"
+            i % len(cluster.replicas), fund="8.00", policy=STORM_AGENT_POLICY, parent="team-storm"
         )
         for i in range(count)
     ]
@@ -1307,7 +1336,8 @@ class SoakTotals:
         line = (
             f"{backend} seed {f.seed}: killed replica {f.victim}; {f.storm.ops} requests"
             f" ({f.storm.in_flight} in flight at the kill, {f.storm.refused} refused, all retried;"
-            f" {f.storm.replayed} replayed); {f.api.reservations} reservations"
+            f" {f.storm.replayed} replayed; {f.storm.gateway_calls} gateway calls,"
+            f" {f.storm.gateway_made} made; {f.storm.denied} denials); {f.api.reservations} reservations"
             f" {dict(sorted(f.api.by_status.items()))}; {f.api.events} events;"
             f" {f.snapshots} snapshots; {f.checks} invariant checks; {f.seconds:.1f}s"
         )
@@ -1316,6 +1346,18 @@ class SoakTotals:
 
 
 TOTALS = SoakTotals()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """This folder's soak runs only when ``-m`` selects them (``make soak``): a plain
+    ``pytest tests/replicas`` stays within minutes."""
+    if "soak" in (config.getoption("markexpr") or ""):
+        return
+    here = Path(__file__).parent
+    skip = pytest.mark.skip(reason="a soak run: select it with -m soak (make soak)")
+    for item in items:
+        if "soak" in item.keywords and item.path.is_relative_to(here):
+            item.add_marker(skip)
 
 
 def pytest_configure(config: pytest.Config) -> None:

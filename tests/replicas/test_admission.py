@@ -75,9 +75,9 @@ def test_two_replicas_admit_exactly_what_the_wallet_holds(make_cluster: ClusterF
         b = cluster.budget(index, wallet)
         assert (dec(b["limit"]), dec(b["spent"]), dec(b["reserved"]), dec(b["remaining"])) == (
             dec(WALLET),
-            0,
+            dec("0"),
             dec(WALLET),
-            0,
+            dec("0"),
         )
         # one more is refused wherever it lands
         r = cluster[index].client.post(

@@ -109,7 +109,7 @@ def test_restarting_every_replica_keeps_sessions_caps_replay_cache_and_tiers(
     assert (dec(after["spent"]), dec(after["reserved"]), dec(after["remaining"])) == (
         dec("0.20"),
         dec("0.10"),
-        0,
+        dec("0"),
     )
     # a new session starts from its whole cap
     assert reserve(a1, agent, "0.30", session="s-2").status_code == 201
