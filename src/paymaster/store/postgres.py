@@ -104,10 +104,10 @@ LOCKING_READS: Mapping[str, str] = {
     ),
     # status changes (revoke is final), fund, and the reserve's status gate
     "SELECT status FROM agents WHERE id = ?": "SELECT status FROM agents WHERE id = ? FOR UPDATE",
-    # the reserve's status gate: shared, so reserves of one agent do not queue on each other,
-    # while a freeze or revoke waits for the reserves in flight and the next ones wait for it
+    # the reserve's status gate: a freeze or revoke and the reserves of that agent take turns
+    # (a shared lock here let a stream of reserves starve the freeze past its lock timeout)
     "SELECT status, state_version FROM agents WHERE id = ?": (
-        "SELECT status, state_version FROM agents WHERE id = ? FOR SHARE"
+        "SELECT status, state_version FROM agents WHERE id = ? FOR UPDATE"
     ),
 }
 # Before this lookup (in a write transaction) the (scope, key) advisory lock is taken, so a second
