@@ -198,7 +198,10 @@ class SqliteStore:
         # queue is not empty and the writer thread batches as usual.
         if self._queue.empty() and self._batch_lock.acquire(blocking=False):
             try:
-                self._run_batch([(op, fut)])
+                if self.closed:  # closed while we took the lock
+                    fut.set_exception(StoreUnavailable("store is closed"))
+                else:
+                    self._run_batch([(op, fut)])
             finally:
                 self._batch_lock.release()
             return fut
@@ -378,13 +381,18 @@ class SqliteStore:
         )
         return {} if row is None or row["s"] is None else {MAIN_CHAIN: int(row["s"])}
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._queue.put(None)
         self._thread.join(timeout=10)
-        self._writer.close()
+        with self._batch_lock:  # a batch running in a caller's thread finishes first
+            self._writer.close()
         if self._process_lock is not None:
             self._process_lock.close()
         with self._readers_lock:
