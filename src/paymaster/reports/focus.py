@@ -20,6 +20,7 @@ Mapping choices (documented in docs/cli.md):
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -283,12 +284,36 @@ def focus_rows(
         )
 
 
-def write_csv(out: TextIO, header: list[str], rows: Iterable[Mapping[str, str]]) -> int:
-    """Write the header and rows as CSV; returns the number of rows written."""
-    writer = csv.DictWriter(out, fieldnames=header, lineterminator="\n", extrasaction="ignore")
+def csv_chunks(
+    header: list[str], rows: Iterable[Mapping[str, str]], rows_per_chunk: int = 500
+) -> Iterator[str]:
+    """The header, then the rows, as CSV text in chunks of ``rows_per_chunk`` rows (so a
+    server can stream a report without holding it whole)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=header, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
-    count = 0
+    pending = 0
     for row in rows:
         writer.writerow(row)
-        count += 1
+        pending += 1
+        if pending >= rows_per_chunk:
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+            pending = 0
+    yield buffer.getvalue()
+
+
+def write_csv(out: TextIO, header: list[str], rows: Iterable[Mapping[str, str]]) -> int:
+    """Write the header and rows as CSV; returns the number of rows written."""
+    count = 0
+
+    def counted() -> Iterator[Mapping[str, str]]:
+        nonlocal count
+        for row in rows:
+            count += 1
+            yield row
+
+    for chunk in csv_chunks(header, counted()):
+        out.write(chunk)
     return count

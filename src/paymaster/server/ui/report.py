@@ -7,8 +7,6 @@ The CSV is streamed a batch of rows at a time: a year of ledger never has to fit
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -80,16 +78,4 @@ def csv_chunks(
         agents,
         billing_account_id=authority.settings.authority_id,
     )
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=header, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    pending = 0
-    for row in rows:
-        writer.writerow(row)
-        pending += 1
-        if pending >= ROWS_PER_CHUNK:
-            yield buffer.getvalue()
-            buffer.seek(0)
-            buffer.truncate()
-            pending = 0
-    yield buffer.getvalue()
+    yield from focus.csv_chunks(header, rows, ROWS_PER_CHUNK)
